@@ -1,0 +1,16 @@
+# rpat: expand a config's grid into training and evaluation jobs, then the paper-style report.
+#   snakemake --cores 2                                   the demo grid (config/config.yaml)
+#   snakemake --cores 2 --configfile config/paper.yaml    another config (replaces the default)
+#   snakemake --profile profiles/slurm ...                on a Slurm cluster
+# Every rule is one call of the `rpat` CLI; run `snakemake -n -p` to see the commands.
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        REPORT_OUTPUTS,
+    default_target: True

@@ -1,0 +1,5 @@
+import sys
+
+from rpat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""Attacks: one PGD engine = inner loss x random start x step rule x projection, plus a BN-mode policy.
+
+All attacks take inputs in [0, 1] and return a detached adversarial batch in [0, 1] inside the
+threat-model ball around ``x``. Gradients are taken with ``torch.autograd.grad`` w.r.t. the
+perturbation only, so attack iterations never compute or accumulate parameter gradients.
+
+Threat models (``norm``): ``linf`` and ``l2``.
+
+Inner losses ``loss(logits, y, ref) -> scalar`` (maximised):
+  ce      mean cross-entropy                                      (PGD-AT, MART, PGD-20 evaluation)
+  kl      sum_i KL(softmax(ref_i) || softmax(logits_i))            (TRADES; ref = clean logits)
+  cw      mean of CW margin max_{j!=y} z_j - z_y                    (CW-inf evaluation)
+
+Random starts (``init``):
+  uniform   delta ~ U[-eps, eps]^d (linf) or (u - x) * min(1, eps/||u - x||) with u ~ U[0,1]^d
+            (l2, advertorch's start towards a random image); then box-clipped
+  normal    x + 0.001 * N(0, I), no projection (TRADES/MART)
+  none      delta = 0
+Steps: linf  x <- Proj(x + step * sign(g));  l2  x <- Proj(x + step * g / max(||g||, 1e-12)).
+Projection: clip to the eps-ball around x, then to the box [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("linf", "l2")
+INITS = ("uniform", "normal", "none")
+BN_MODES = ("eval", "train", "keep")
+
+
+@contextlib.contextmanager
+def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Run the block with every module in ``mode`` ('eval', 'train' or 'keep'); restore each module's flag."""
+    if mode not in BN_MODES:
+        raise ValueError(f"bn mode {mode!r} not in {BN_MODES}")
+    if mode == "keep":
+        yield
+        return
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def kl_loss(logits: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(ref, dim=1), reduction="sum")
+
+
+def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    return (other - true).mean()
+
+
+INNER_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"ce": ce_loss, "kl": kl_loss, "cw": cw_margin_loss}
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project ``x_adv`` onto {x' : ||x' - x|| <= eps} then onto the box [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    elif norm == "l2":
+        delta = delta * torch.clamp(eps / _flat_norm(delta).clamp_min(1e-12), max=1.0)
+    else:
+        raise ValueError(f"norm {norm!r} not in {NORMS}")
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def random_start(x: torch.Tensor, eps: float, norm: str, init: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    def rand(fn):
+        return fn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    if init == "none":
+        return x.clone()
+    if init == "normal":
+        return x + 0.001 * rand(torch.randn)
+    if init != "uniform":
+        raise ValueError(f"init {init!r} not in {INITS}")
+    if norm == "linf":
+        return (x + (2 * rand(torch.rand) - 1) * eps).clamp(0.0, 1.0)
+    delta = rand(torch.rand) - x
+    delta = delta * torch.clamp(eps / _flat_norm(delta).clamp_min(1e-12), max=1.0)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step: float,
+    steps: int,
+    norm: str = "linf",
+    loss: str = "ce",
+    init: str = "uniform",
+    bn: str = "eval",
+    ref_logits: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Maximise ``loss`` over the ``norm``-ball of radius ``eps`` around ``x`` with ``steps`` steps of size ``step``.
+
+    ``bn`` is the module mode during the attack ('eval' for the four baselines, 'train' for ReBAT);
+    the model's previous mode is restored. ``ref_logits`` feeds the KL loss (computed here in the
+    attack's BN mode when omitted). Returns a detached tensor.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm {norm!r} not in {NORMS}")
+    if eps < 0 or step < 0 or steps < 0:
+        raise ValueError(f"eps, step and steps must be >= 0 (got {eps}, {step}, {steps})")
+    inner = INNER_LOSSES[loss]
+    x = x.detach()
+    with bn_mode(model, bn):
+        if loss == "kl" and ref_logits is None:
+            with torch.no_grad():
+                ref_logits = model(x)
+        ref = ref_logits.detach() if ref_logits is not None else None
+        x_adv = random_start(x, eps, norm, init, generator)
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                objective = inner(model(x_adv), y, ref)
+                (g,) = torch.autograd.grad(objective, x_adv)
+            with torch.no_grad():
+                if norm == "linf":
+                    x_adv = x_adv + step * g.sign()
+                else:
+                    x_adv = x_adv + step * g / _flat_norm(g).clamp_min(1e-12)
+                x_adv = project(x_adv, x, eps, norm)
+        if init == "normal" and steps == 0:
+            x_adv = project(x_adv, x, eps, norm)
+    return x_adv.detach()
+
+
+def uniform_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """clip(x + u, 0, 1), u ~ U[-eps, eps]^d: the 'random' perturbation of the paper's analysis."""
+    u = (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps
+    return (x + u).clamp(0.0, 1.0)

@@ -1,0 +1,40 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True`` (a checkpoint cannot run code).
+
+Model checkpoints (``checkpoint-best.pt``, ``checkpoint-last.pt``) hold the weights and what is needed
+to rebuild the model; the training state (``state/last.pt``) adds optimizer, RNG and history for resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rpat.runtime import atomic_write
+
+FORMAT = "rpat-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save(obj: dict, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save({**obj, "format": FORMAT}, tmp))
+
+
+def load(path: str | Path, map_location: Any = "cpu", hint: str = "") -> dict:
+    """Load an rpat checkpoint; a truncated, foreign or unsafe file raises CheckpointError naming it."""
+    path = Path(path)
+    fix = hint or f"delete {path} and rerun the job to recompute it"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; {fix}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                              f"it is truncated, corrupt or not a safe rpat checkpoint; {fix}") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not an rpat checkpoint (format {FORMAT!r} expected); {fix}")
+    return obj

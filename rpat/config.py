@@ -1,0 +1,329 @@
+"""Configuration: load YAML safely, validate against the JSON schema, expand the grid into cells.
+
+A config has hyperparameter *sections* (data, threat, train, methods, rpat, eval, resources) and a
+``grid``: a list of blocks, each a product dataset x model x norm x method x rpat x seed with an
+optional ``set`` of section overrides. A *cell* is one point of that product; its resolved config is
+``DEFAULTS <- config sections <- block.set``. Fractions such as ``"8/255"`` are accepted wherever a
+number is expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+SECTIONS = ("data", "threat", "train", "methods", "rpat", "eval", "resources")
+
+# Embedded defaults: the paper's Benchmarks recipe (REFERENCE.md 5.1, DECISIONS.md 9-15).
+DEFAULTS: dict[str, Any] = {
+    "results_dir": "results",
+    "tracking": {"enabled": True, "uri": None},
+    "data": {
+        "root": "data",
+        "paths": {},
+        "download": False,
+        "val_size": 1000,
+        "split_seed": 0,
+        "train_subset": None,
+        "augment": "crop_flip",
+        "batch_size": 128,
+        "eval_batch_size": 500,
+    },
+    "threat": {
+        "linf": {"eps": 8 / 255, "step": 2 / 255, "steps": 10},
+        "l2": {"eps": 128 / 255, "step": 15 / 255, "steps": 10},
+    },
+    "train": {
+        "epochs": 110,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": {"name": "multistep", "milestones": [100, 105], "gamma": 0.1},
+        "select": "val",
+        "val_attack_steps": 10,
+        "device": "auto",
+        "threads": None,
+    },
+    "methods": {
+        "trades": {"beta": 6.0, "second_clean_forward": True},
+        "mart": {"beta": 6.0},
+        "consistency": {"weight": 1.0, "temperature": 0.5},
+    },
+    "rpat": {"weight": 1.0, "clean_weight": 0.5, "start_epoch": 1},
+    "eval": {
+        "checkpoint": "best",
+        "n_examples": None,
+        "batch_size": 500,
+        "pgd_steps": 20,
+        "cw_steps": 30,
+        "autoattack": {"enabled": True, "version": "standard", "seed": 0},
+    },
+    "resources": {
+        "default": {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60},
+        "by_model": {},
+        "by_dataset": {},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key that is wrong and what would be right."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with path.open() as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, not {type(data).__name__}")
+    return data
+
+
+_FRACTION = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
+
+
+def parse_numbers(obj: Any) -> Any:
+    """Turn strings like ``"8/255"`` into floats, recursively."""
+    if isinstance(obj, dict):
+        return {k: parse_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [parse_numbers(v) for v in obj]
+    if isinstance(obj, str) and _FRACTION.match(obj):
+        num, den = (Fraction(p.strip()) for p in obj.split("/"))
+        if den == 0:
+            raise ConfigError(f"{obj!r} divides by zero")
+        return float(num / den)
+    return obj
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def schema() -> dict:
+    """The JSON schema with the registries' names filled in."""
+    from rpat import attacks, data, models, objectives
+
+    text = resources.files("rpat").joinpath("config.schema.yaml").read_text()
+    s = yaml.safe_load(text)
+    block = s["properties"]["grid"]["items"]["properties"]
+    for key, names in (
+        ("dataset", data.DATASETS),
+        ("model", models.MODELS),
+        ("norm", attacks.NORMS),
+        ("method", objectives.OBJECTIVES),
+    ):
+        block[key] = {**block[key], "items": {"type": "string", "enum": sorted(names)}}
+    block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
+    return s
+
+
+def _path(error) -> str:
+    parts = []
+    for p in error.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
+    return "".join(parts) or "<top level>"
+
+
+def _describe(error) -> str:
+    key = _path(error)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"unknown key {', '.join(map(repr, extra))} in {key}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return f"{key}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "required":
+        return f"{key}: {error.message}"
+    return f"{key}: {error.message}"
+
+
+def validate(cfg: dict) -> None:
+    """Raise ConfigError listing every schema violation (each names its key and the allowed values)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = "\n  - ".join(_describe(e) for e in errors)
+        raise ConfigError(f"invalid config:\n  - {lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    dataset: str
+    model: str
+    norm: str
+    method: str
+    rpat: bool
+    seed: int
+
+    @property
+    def method_label(self) -> str:
+        return f"{self.method}+rpat" if self.rpat else self.method
+
+    @property
+    def id(self) -> str:
+        """Also the cell's directory under ``<results_dir>/runs``."""
+        return f"{self.dataset}/{self.model}/{self.norm}/{self.method_label}/seed{self.seed}"
+
+    def tags(self) -> dict[str, str]:
+        return {"dataset": self.dataset, "model": self.model, "norm": self.norm, "method": self.method,
+                "rpat": "on" if self.rpat else "off", "seed": str(self.seed), "cell": self.id}
+
+    @classmethod
+    def parse(cls, cell_id: str) -> "Cell":
+        m = re.fullmatch(r"([^/]+)/([^/]+)/([^/]+)/([^/+]+?)(\+rpat)?/seed(\d+)", cell_id.strip("/"))
+        if not m:
+            raise ConfigError(f"cell {cell_id!r} is not of the form dataset/model/norm/method[+rpat]/seedN")
+        return cls(m[1], m[2], m[3], m[4], m[5] is not None, int(m[6]))
+
+
+@dataclass
+class Config:
+    raw: dict
+    source: str
+
+    @property
+    def experiment(self) -> str:
+        return self.raw["experiment"]
+
+    @property
+    def results_dir(self) -> str:
+        return self.raw.get("results_dir", DEFAULTS["results_dir"])
+
+    @property
+    def tracking(self) -> dict:
+        return {**DEFAULTS["tracking"], **self.raw.get("tracking", {})}
+
+    def blocks(self) -> list[dict]:
+        return self.raw["grid"]
+
+    def cells(self) -> list[Cell]:
+        """Every cell of every block, in grid order, without duplicates."""
+        seen: dict[Cell, None] = {}
+        for block in self.blocks():
+            for combo in itertools.product(
+                block["dataset"], block["model"], block["norm"], block["method"], block["rpat"], block["seed"]
+            ):
+                seen.setdefault(Cell(*combo), None)
+        return list(seen)
+
+    def block_of(self, cell: Cell) -> dict:
+        for block in self.blocks():
+            if (cell.dataset in block["dataset"] and cell.model in block["model"] and cell.norm in block["norm"]
+                    and cell.method in block["method"] and cell.rpat in block["rpat"] and cell.seed in block["seed"]):
+                return block
+        raise ConfigError(f"cell {cell.id} is not in the grid of {self.source}")
+
+    def resolve(self, cell: Cell) -> dict:
+        """The cell's full settings: defaults <- top-level sections <- its block's ``set``."""
+        base = {k: v for k, v in self.raw.items() if k in SECTIONS}
+        resolved = deep_merge({k: DEFAULTS[k] for k in SECTIONS}, base)
+        resolved = deep_merge(resolved, self.block_of(cell).get("set", {}))
+        resolved["cell"] = {**cell.tags(), "rpat": cell.rpat, "seed": cell.seed}
+        resolved["experiment"] = self.experiment
+        return resolved
+
+
+def _check_semantics(cfg: Config) -> None:
+    from rpat import objectives
+
+    problems = []
+    for i, block in enumerate(cfg.blocks()):
+        for method in block["method"]:
+            if True in block["rpat"] and not objectives.OBJECTIVES[method].supports_rpat:
+                problems.append(f"grid[{i}]: method {method!r} has no RPAT variant; use rpat: [false] for it "
+                                "or move it to a block of its own")
+    owners: dict[Cell, int] = {}
+    for i, block in enumerate(cfg.blocks()):
+        for combo in itertools.product(block["dataset"], block["model"], block["norm"], block["method"],
+                                       block["rpat"], block["seed"]):
+            cell = Cell(*combo)
+            if cell in owners and cfg.blocks()[owners[cell]].get("set", {}) != block.get("set", {}):
+                problems.append(f"cell {cell.id} is in grid[{owners[cell]}] and grid[{i}] with different `set`; "
+                                "a cell must have one configuration")
+            owners.setdefault(cell, i)
+    for cell in cfg.cells():
+        r = cfg.resolve(cell)
+        if cell.norm not in r["threat"]:
+            problems.append(f"cell {cell.id}: no threat.{cell.norm} settings")
+        sched = r["train"]["schedule"]
+        if sched["name"] == "multistep" and any(m > r["train"]["epochs"] for m in sched.get("milestones", [])):
+            problems.append(f"cell {cell.id}: train.schedule.milestones {sched['milestones']} exceed "
+                            f"train.epochs={r['train']['epochs']}")
+        if r["rpat"]["start_epoch"] > r["train"]["epochs"] and cell.rpat:
+            problems.append(f"cell {cell.id}: rpat.start_epoch={r['rpat']['start_epoch']} is after the last epoch "
+                            f"({r['train']['epochs']})")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> Config:
+    raw = parse_numbers(raw)
+    validate(raw)
+    cfg = Config(raw, source)
+    _check_semantics(cfg)
+    return cfg
+
+
+def load(paths: str | Path | Iterable[str | Path]) -> Config:
+    """Load, merge (later files override earlier ones) and validate config file(s)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    raw: dict = {}
+    for p in paths:
+        raw = deep_merge(raw, load_yaml(p))
+    try:
+        return from_dict(raw, ", ".join(map(str, paths)))
+    except ConfigError as e:
+        raise ConfigError(f"{', '.join(map(str, paths))}: {e}") from None
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_settings(resolved: dict) -> dict:
+    """The part of a cell's settings that determines its training (not evaluation or resources)."""
+    cell = resolved["cell"]
+    keys = {"cell": cell, "data": resolved["data"], "threat": resolved["threat"][cell["norm"]],
+            "train": {k: v for k, v in resolved["train"].items() if k not in ("device", "threads")},
+            "method": resolved["methods"].get(cell["method"], {})}
+    if cell["rpat"]:
+        keys["rpat"] = resolved["rpat"]
+    return keys
+
+
+def resources_for(resolved: dict) -> dict:
+    """default <- by_dataset[dataset] <- by_model[model]."""
+    res = resolved["resources"]
+    cell = resolved["cell"]
+    out = dict(DEFAULTS["resources"]["default"])
+    out.update(res.get("default", {}))
+    out.update(res.get("by_dataset", {}).get(cell["dataset"], {}))
+    out.update(res.get("by_model", {}).get(cell["model"], {}))
+    return out

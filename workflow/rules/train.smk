@@ -1,0 +1,21 @@
+rule train:
+    output:
+        record=f"{CELL_DIR}/train.json",
+        best=f"{CELL_DIR}/checkpoint-best.pt",
+        last=f"{CELL_DIR}/checkpoint-last.pt",
+    params:
+        rpat=RPAT,
+        configs=CONFIG_ARG,
+        cell=lambda w: cell_of(w).id,
+        settings=train_fingerprint,
+    threads: threads_of
+    resources:
+        gpu=gpus_of,
+        mem_mb=mem_mb_of,
+        runtime=runtime_of,
+    log:
+        f"{LOGS}/train/{{dataset}}/{{model}}/{{norm}}/{{method}}/seed{{seed}}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "{params.rpat} train --config {params.configs} --cell {params.cell} --threads {threads} > {log} 2>&1"
