@@ -15,6 +15,7 @@ Random starts (``init``):
   uniform   delta ~ U[-eps, eps]^d (linf) or (u - x) * min(1, eps/||u - x||) with u ~ U[0,1]^d
             (l2, advertorch's start towards a random image); then box-clipped
   normal    x + 0.001 * N(0, I), no projection (TRADES/MART)
+  ball      linf: U[-eps, eps]^d; l2: eps * u * n/||n||, n ~ N(0, I), u ~ U(0, 1) (ReBAT's start)
   none      delta = 0
 Steps: linf  x <- Proj(x + step * sign(g));  l2  x <- Proj(x + step * g / max(||g||, 1e-12)).
 Projection: clip to the eps-ball around x, then to the box [0, 1].
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NORMS = ("linf", "l2")
-INITS = ("uniform", "normal", "none")
+INITS = ("uniform", "normal", "ball", "none")
 BN_MODES = ("eval", "train", "keep")
 
 
@@ -92,10 +93,14 @@ def random_start(x: torch.Tensor, eps: float, norm: str, init: str, generator: t
         return x.clone()
     if init == "normal":
         return x + 0.001 * rand(torch.randn)
-    if init != "uniform":
+    if init not in ("uniform", "ball"):
         raise ValueError(f"init {init!r} not in {INITS}")
     if norm == "linf":
         return (x + (2 * rand(torch.rand) - 1) * eps).clamp(0.0, 1.0)
+    if init == "ball":
+        n = rand(torch.randn)
+        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        return (x + eps * radius * n / _flat_norm(n).clamp_min(1e-12)).clamp(0.0, 1.0)
     delta = rand(torch.rand) - x
     delta = delta * torch.clamp(eps / _flat_norm(delta).clamp_min(1e-12), max=1.0)
     return (x + delta).clamp(0.0, 1.0)

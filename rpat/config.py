@@ -54,11 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",
         "threads": None,
     },
-    "methods": {
-        "trades": {"beta": 6.0, "second_clean_forward": True},
-        "mart": {"beta": 6.0},
-        "consistency": {"weight": 1.0, "temperature": 0.5},
-    },
+    "methods": {},  # filled from each objective's defaults below
     "rpat": {"weight": 1.0, "clean_weight": 0.5, "start_epoch": 1},
     "eval": {
         "checkpoint": "best",
@@ -74,6 +70,31 @@ DEFAULTS: dict[str, Any] = {
         "by_dataset": {},
     },
 }
+
+
+def _method_defaults() -> dict:
+    from rpat.objectives import OBJECTIVES
+
+    return {name: copy.deepcopy(o.defaults) for name, o in OBJECTIVES.items() if o.defaults}
+
+
+DEFAULTS["methods"] = _method_defaults()
+
+
+def _schema_of(value: Any, key: str = "") -> dict:
+    """A schema accepting values shaped like ``value`` (a method's default hyperparameter)."""
+    from rpat.attacks import BN_MODES
+
+    if key.endswith("_bn"):
+        return {"type": "string", "enum": list(BN_MODES)}
+    if isinstance(value, bool):
+        return {"type": "boolean"}
+    if isinstance(value, (int, float)):
+        return {"type": "number", "minimum": 0}
+    if isinstance(value, dict):
+        return {"type": "object", "additionalProperties": False,
+                "properties": {k: _schema_of(v, k) for k, v in value.items()}}
+    return {"type": "string"}
 
 
 class ConfigError(ValueError):
@@ -133,6 +154,8 @@ def schema() -> dict:
     ):
         block[key] = {**block[key], "items": {"type": "string", "enum": sorted(names)}}
     block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
+    s["$defs"]["sections"]["methods"]["properties"] = {
+        name: _schema_of(defaults) for name, defaults in DEFAULTS["methods"].items()}
     return s
 
 
@@ -269,10 +292,6 @@ def _check_semantics(cfg: Config) -> None:
         r = cfg.resolve(cell)
         if cell.norm not in r["threat"]:
             problems.append(f"cell {cell.id}: no threat.{cell.norm} settings")
-        sched = r["train"]["schedule"]
-        if sched["name"] == "multistep" and any(m > r["train"]["epochs"] for m in sched.get("milestones", [])):
-            problems.append(f"cell {cell.id}: train.schedule.milestones {sched['milestones']} exceed "
-                            f"train.epochs={r['train']['epochs']}")
         if r["rpat"]["start_epoch"] > r["train"]["epochs"] and cell.rpat:
             problems.append(f"cell {cell.id}: rpat.start_epoch={r['rpat']['start_epoch']} is after the last epoch "
                             f"({r['train']['epochs']})")

@@ -586,9 +586,13 @@ Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int | None = None) -> torch.Tensor:
-    """RandomCrop(size, padding=size/8, zero fill) + RandomHorizontalFlip(0.5), per image, batched."""
+    """RandomCrop(size, padding=4, zero fill) + RandomHorizontalFlip(0.5), per image, batched.
+
+    Padding 4 for every size, as the reference does for CIFAR and Tiny-ImageNet alike (REFERENCE.md 4.1);
+    inputs smaller than 16 pixels get size/8 so a crop cannot lose most of the image.
+    """
     n, _, h, w = x.shape
-    pad = padding if padding is not None else max(1, h // 8)
+    pad = padding if padding is not None else (4 if h >= 16 else max(1, h // 8))
     dev = x.device
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(dev)
@@ -632,7 +636,7 @@ def _cifar10_autoaugment():
 def autoaugment_cutout(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The reference's ``autoaug`` train transform: crop+flip, AutoAugment (CIFAR-10 policy), Cutout.
 
-    1. :func:`random_crop_flip` (padding size/8; the reference pads 4 for 32x32 *and* 64x64 images).
+    1. :func:`random_crop_flip` (padding 4 as the reference, for 32x32 and 64x64 images).
     2. torchvision's ``transforms.v2.AutoAugment`` with the CIFAR-10 policy (also used for Tiny-ImageNet, as
        in the reference), applied per image on uint8 copies so each image draws its own sub-policy,
        probabilities and signs; shear/translate/rotate fill with 128. This is close to, but not

@@ -48,6 +48,10 @@ class Objective:
     defaults: dict = field(default_factory=dict)
     supports_rpat: bool = True
     views: int = 1  # augmented views per image in a batch (Consistency-AT: 2)
+    # A loss that *replaces* the baseline when RPAT is on, instead of adding the generic MSE term:
+    # rpat_loss(model, x, y, x_adv, hp, rpat) -> LossOut (RPAT++ replaces ReBAT's regulariser).
+    rpat_loss: Callable[..., LossOut] | None = None
+    uses_teacher: bool = False  # needs hp['teacher'], a weight-averaged model (ReBAT, RPAT++)
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -99,11 +103,16 @@ def compute_loss(
     Parts: the baseline's parts, ``rpat`` (unweighted), ``rpat_weighted``, and ``total``.
     """
     hp = {**objective.defaults, **(hp or {})}
+    if rpat is not None and not objective.supports_rpat:
+        raise ValueError(f"objective {objective.name!r} has no RPAT variant")
+    if rpat is not None and objective.rpat_loss is not None:
+        out = objective.rpat_loss(model, x, y, x_adv, hp, {**RPAT_DEFAULTS, **rpat})
+        parts = dict(out.parts)
+        parts["total"] = out.loss
+        return out.loss, parts
     out = objective.loss(model, x, y, x_adv, hp)
     loss, parts = out.loss, dict(out.parts)
     if rpat is not None:
-        if not objective.supports_rpat:
-            raise ValueError(f"objective {objective.name!r} has no RPAT variant")
         r = float(rpat.get("clean_weight", RPAT_DEFAULTS["clean_weight"]))
         lam = float(rpat.get("weight", RPAT_DEFAULTS["weight"]))
         z_mid = model(interpolate(x, x_adv, r))
@@ -238,6 +247,62 @@ def consistency_loss(model, x, y, x_adv, hp) -> LossOut:
     return LossOut(ce + w * js, {"ce": ce, "consistency_js": js, "consistency_js_weighted": w * js}, {"adv": z_adv})
 
 
+def rebat_attack(model, x, y, threat: dict, hp: dict, generator=None) -> Tensor:
+    """PGD on mean CE with ReBAT's start (REFERENCE.md 2.4), BatchNorm in ``hp['attack_bn']`` mode (train)."""
+    return attacks.pgd(
+        model, x, y, eps=threat["eps"], step=threat["step"], steps=threat["steps"], norm=threat["norm"],
+        loss="ce", init="ball", bn=hp.get("attack_bn", "train"), generator=generator,
+    )
+
+
+def _guard_huge(loss: Tensor, reg: Tensor) -> Tensor:
+    """A regulariser >= 1e10 makes the loss NaN, so the epoch-end check stops the run (the reference
+    silently dropped it, DECISIONS.md item 3); no host synchronisation here."""
+    return torch.where(reg < 1e10, loss, torch.full_like(loss, float("nan")))
+
+
+def rebat_loss(model, x, y, x_adv, hp) -> LossOut:
+    """ReBAT (REFERENCE.md 1.11): L = CE(z(x'), y) + beta KL_bm(softmax(w(x')) || softmax(z(x'))),
+    w = hp['teacher'] (weight-averaged model, no gradient); the KL term only when hp['reg_active']."""
+    z_adv = model(x_adv)
+    ce = F.cross_entropy(z_adv, y)
+    parts = {"ce": ce}
+    loss = ce
+    if hp.get("reg_active", True):
+        with torch.no_grad():
+            w = hp["teacher"](x_adv)
+        kl = kl_batchmean(w, z_adv)
+        beta = float(hp["beta"])
+        loss = _guard_huge(ce + beta * kl, kl)
+        parts.update({"rebat_kl": kl, "rebat_kl_weighted": beta * kl})
+    return LossOut(loss, parts, {"adv": z_adv})
+
+
+def rpat_plus_plus_loss(model, x, y, x_adv, hp, rpat) -> LossOut:
+    """RPAT++ (DECISIONS.md item 3): ReBAT with its KL term replaced by the robust-perception KL term
+
+        L = CE(z(x'), y) + lam KL_bm( softmax(w(x_mid) - r w(x)) || softmax((1-r) z(x')) ),
+        x_mid = r x + (1-r) x',  r = rpat['clean_weight'],  w = the weight-averaged teacher (no gradient).
+
+    Robust perception asks z(x_mid) ~ r z(x) + (1-r) z(x'): the teacher supplies z(x_mid) - r z(x),
+    the online model's (1-r) z(x') must match it. The reference writes it with the delta weight
+    a = 1-r (x + a delta, student a z, target minus (1-a) z(x)); identical at r = 0.5."""
+    z_adv = model(x_adv)
+    ce = F.cross_entropy(z_adv, y)
+    parts = {"ce": ce}
+    loss = ce
+    if hp.get("reg_active", True):
+        r = float(rpat["clean_weight"])
+        with torch.no_grad():
+            u = hp["teacher"](x)
+            v = hp["teacher"](interpolate(x, x_adv, r))
+        term = kl_batchmean(v - r * u, (1.0 - r) * z_adv)
+        lam = float(rpat["weight"])
+        loss = _guard_huge(ce + lam * term, term)
+        parts.update({"rpat": term, "rpat_weighted": lam * term})
+    return LossOut(loss, parts, {"adv": z_adv})
+
+
 register(Objective("ce", "standard training: CE on clean inputs (no attack)", no_attack, ce_loss, supports_rpat=False))
 register(Objective("noise", "CE on clip(x + U[-eps, eps]) (the paper's perception analysis)", noise_attack,
                    adversarial_ce_loss))
@@ -248,11 +313,19 @@ register(Objective("mart", "MART (Wang et al.): boosted CE + beta misclassificat
                    defaults={"beta": 6.0}))
 register(Objective("consistency", "Consistency-AT (Tack et al.): PGD-AT on two views + JS consistency",
                    pgd_attack, consistency_loss, defaults={"weight": 1.0, "temperature": 0.5}, views=2))
+register(Objective("rebat", "ReBAT (Wang et al.): PGD-AT + weight averaging + KL to the averaged model; "
+                   "+RPAT is RPAT++ (the KL term replaced by the robust-perception KL term)",
+                   rebat_attack, rebat_loss, rpat_loss=rpat_plus_plus_loss, uses_teacher=True,
+                   defaults={"beta": 1.0, "decay": 0.999, "warmup_epoch": 106, "attack_bn": "train",
+                             "clean_bn_forward": True,
+                             "stronger_attack": {"enabled": False, "eps": 10 / 255, "steps": 12, "start_epoch": 101}}))
 
 
 def objective_info() -> list[dict]:
     return [
         {"name": o.name, "description": o.description, "defaults": o.defaults, "supports_rpat": o.supports_rpat,
-         "views": o.views}
+         "rpat_variant": "replaces the regulariser (RPAT++)" if o.rpat_loss else
+         ("adds lambda * MSE term" if o.supports_rpat else None),
+         "views": o.views, "uses_teacher": o.uses_teacher}
         for o in OBJECTIVES.values()
     ]

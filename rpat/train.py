@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rpat import checkpoint, data, evaluate, models, objectives, runtime, schedules
+from rpat.averaging import WeightAverage
 from rpat.config import Config, fingerprint, train_settings
 from rpat.tracking import CellRun
 
@@ -45,6 +46,23 @@ def _progress(iterable, total: int, desc: str):
         return iterable
 
 
+def epoch_settings(threat: dict, hp: dict, epoch: int, teacher) -> tuple[dict, dict, float]:
+    """The epoch's attack settings, hyperparameters and weight-averaging decay.
+
+    ReBAT: from ``warmup_epoch`` on, the regulariser is active and the average decays with ``decay``
+    (before it, decay 0 keeps the average an exact copy); from ``stronger_attack.start_epoch`` on, the
+    optional stronger attack (eps, steps) replaces the threat model's training attack.
+    """
+    threat_e = dict(threat)
+    stronger = hp.get("stronger_attack") or {}
+    if stronger.get("enabled") and epoch >= stronger["start_epoch"]:
+        threat_e.update(eps=stronger["eps"], steps=stronger["steps"])
+    if teacher is None:
+        return threat_e, hp, 0.0
+    active = epoch >= hp["warmup_epoch"]
+    return threat_e, {**hp, "teacher": teacher, "reg_active": active}, (hp["decay"] if active else 0.0)
+
+
 def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = None) -> dict:
     """Train one cell into ``out_dir``; returns the train.json record."""
     out_dir = Path(out_dir)
@@ -64,6 +82,9 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
     model = build_model_for(splits, cell.model).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=tcfg["lr"], momentum=tcfg["momentum"],
                           weight_decay=tcfg["weight_decay"])
+    # ReBAT / RPAT++: the weight-averaged teacher, always in eval mode (REFERENCE.md 1.11 leaves its
+    # first epoch in train mode by accident); it is also the model that is selected and evaluated.
+    teacher = WeightAverage(model).to(device).eval() if objective.uses_teacher else None
     shuffle_gen = torch.Generator().manual_seed(cell.seed)
     dcfg = resolved["data"]
     train_batches = data.Batches(*splits.train, dcfg["batch_size"], shuffle=True,
@@ -82,6 +103,8 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
                                 hint=f"delete {state_dir} to restart this cell from scratch")
         if state.get("fingerprint") == fp:
             model.load_state_dict(state["model"])
+            if teacher is not None:
+                teacher.module.load_state_dict(state["teacher"])
             opt.load_state_dict(state["optimizer"])
             shuffle_gen.set_state(state["shuffle_rng"])
             runtime.set_rng_state(state["rng"])
@@ -103,6 +126,7 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
         t_epoch = time.time()
         model.train()
         use_rpat = rpat_cfg if (rpat_cfg and epoch >= rpat_cfg["start_epoch"]) else None
+        threat_e, hp_e, decay = epoch_settings(threat, hp, epoch, teacher)
         sums: dict[str, torch.Tensor] = {}
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
         n_batches = len(train_batches)
@@ -110,11 +134,16 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
             lr = schedules.lr_at(tcfg["schedule"], tcfg["lr"], epoch, (step + 1) / n_batches, tcfg["epochs"])
             for group in opt.param_groups:
                 group["lr"] = lr
-            x_adv = objective.attack(model, x, y, threat, hp)
-            loss, parts = objectives.compute_loss(objective, model, x, y, x_adv, hp, use_rpat)
+            x_adv = objective.attack(model, x, y, threat_e, hp_e)
+            loss, parts = objectives.compute_loss(objective, model, x, y, x_adv, hp_e, use_rpat)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if teacher is not None:
+                if hp["clean_bn_forward"]:
+                    with torch.no_grad():  # the reference's logging forward: BN running stats see clean data
+                        model(x)
+                teacher.update(model, decay)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() * len(y)
             finite = torch.isfinite(loss.detach())
@@ -126,16 +155,18 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
         n_train = len(train_batches.y) * objective.views
         record = {"epoch": epoch, "lr": lr}
         record.update({f"loss_{k}": float(v) / n_train for k, v in sums.items()})
-        val = evaluate.accuracies(model, val_batches, threat, steps=tcfg["val_attack_steps"])
+        selected = teacher.module if teacher is not None else model
+        val = evaluate.accuracies(selected, val_batches, threat, steps=tcfg["val_attack_steps"])
         record.update({"val_clean": val["clean"], "val_pgd": val["pgd"], "epoch_s": time.time() - t_epoch})
         history.append(record)
 
         improved = tcfg["select"] == "last" or val["pgd"] > best["metric"]
         if improved:
             best = {"epoch": epoch, "metric": val["pgd"]}
-            checkpoint.save({"model": model.state_dict(), "epoch": epoch, "fingerprint": fp,
+            checkpoint.save({"model": selected.state_dict(), "epoch": epoch, "fingerprint": fp,
                              **model_meta(splits, cell.model)}, state_dir / "best.pt")
         checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "teacher": teacher.module.state_dict() if teacher is not None else None,
                          "fingerprint": fp, "rng": runtime.rng_state(), "shuffle_rng": shuffle_gen.get_state(),
                          "history": history, "best": best, "run_id": run.run_id,
                          "wall_s": wall_before + time.time() - t0}, last_path)
@@ -144,7 +175,8 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
               f"val clean {val['clean']:.2f} pgd {val['pgd']:.2f} ({record['epoch_s']:.1f}s)", file=sys.stderr)
 
     meta = model_meta(splits, cell.model)
-    checkpoint.save({"model": model.state_dict(), "epoch": tcfg["epochs"], "fingerprint": fp, **meta},
+    final = teacher.module if teacher is not None else model
+    checkpoint.save({"model": final.state_dict(), "epoch": tcfg["epochs"], "fingerprint": fp, **meta},
                     out_dir / "checkpoint-last.pt")
     best_state = checkpoint.load(state_dir / "best.pt")
     checkpoint.save({k: v for k, v in best_state.items() if k != "format"}, out_dir / "checkpoint-best.pt")

@@ -76,12 +76,12 @@ def runtime_of(wildcards, attempt):
     return cell_resources(wildcards)["runtime"] * attempt
 
 
-REPORT_OUTPUTS = [
-    f"{RESULTS}/tables/summary.csv",
-    f"{RESULTS}/tables/summary.md",
-    f"{RESULTS}/tables/summary.tex",
-    f"{RESULTS}/plots/tradeoff.png",
-]
+# One table set for the whole grid, and one per named block when there are several (the paper's tables).
+TABLE_STEMS = ["summary"]
+if sum(1 for block in CFG.blocks() if block.get("name")) > 1:
+    TABLE_STEMS += [block["name"] for block in CFG.blocks() if block.get("name")]
+REPORT_OUTPUTS = [f"{RESULTS}/tables/{stem}.{ext}" for stem in TABLE_STEMS for ext in ("csv", "md", "tex")]
+REPORT_OUTPUTS += [f"{RESULTS}/plots/tradeoff.png", f"{RESULTS}/plots/tradeoff.pdf"]
 
 
 onstart:

@@ -1,0 +1,131 @@
+"""The Snakemake workflow: planning (dry runs), lint, config errors, and a tiny real end-to-end run."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(*args, cwd=ROOT, timeout=900):
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([*SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def test_dry_run_plans_the_demo_grid(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
+    out = snakemake("-n", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert job_counts(out.stdout) == {"train": 4, "evaluate": 4, "report": 1, "all": 1}
+
+
+def test_dry_run_plans_the_paper_grid_quickly_without_data(tmp_path):
+    t0 = time.perf_counter()
+    out = snakemake("-n", "--configfile", str(ROOT / "config" / "paper.yaml"), cwd=tmp_path)
+    seconds = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr
+    # 3 datasets x 4 baselines x 2 + PreActResNet-18 (2 datasets x 2 norms x 2) + WRN-34-10 x 2
+    assert job_counts(out.stdout) == {"train": 34, "evaluate": 34, "report": 1, "all": 1}
+    print(f"planning the paper grid took {seconds:.1f} s")
+
+
+def test_lint_is_clean():
+    out = snakemake("--lint")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Congratulations" in out.stdout + out.stderr
+
+
+def test_bad_config_stops_snakemake_with_the_key_and_allowed_values(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["grid"][0]["method"] = ["pgd_at", "fast_at"]
+    cfg["threat"]["linf"]["eps"] = -0.1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+    assert out.returncode != 0
+    err = out.stdout + out.stderr
+    assert "grid[0].method[1]: 'fast_at' is not allowed" in err
+    assert "trades" in err and "consistency" in err
+    assert "threat.linf.eps" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_command_line_config_overrides_are_refused(tmp_path):
+    out = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), "--config", "experiment=x",
+                    cwd=tmp_path)
+    assert out.returncode != 0
+    assert "--config overrides" in out.stdout + out.stderr
+
+
+TINY = {
+    "experiment": "tiny-e2e",
+    "grid": [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["pgd_at"],
+              "rpat": [False, True], "seed": [0]}],
+    "data": {"val_size": 100, "augment": "none", "batch_size": 128, "train_subset": 512},
+    "threat": {"linf": {"eps": 0.3, "step": 0.1, "steps": 3}},
+    "train": {"epochs": 2, "lr": 0.05, "schedule": {"name": "constant"}, "val_attack_steps": 3},
+    "eval": {"n_examples": 24, "pgd_steps": 5, "cw_steps": 5},
+}
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end(tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    out = snakemake("--cores", "2", "--configfile", str(cfg_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    summary = pd.read_csv(tmp_path / "results" / "tables" / "summary.csv")
+    assert len(summary) == 2
+    assert sorted(summary.cell) == ["digits/cnn/linf/pgd_at+rpat/seed0", "digits/cnn/linf/pgd_at/seed0"]
+    for row in summary.itertuples():
+        assert 0 <= row.aa <= row.pgd20 <= row.clean <= 100
+        assert row.mean == pytest.approx((row.clean + row.aa) / 2)
+        assert row.nrr == pytest.approx(2 * row.clean * row.aa / (row.clean + row.aa) if row.clean + row.aa else 0)
+    md = (tmp_path / "results" / "tables" / "summary.md").read_text()
+    assert "| pgd_at+RPAT |" in md and "| Δ |" in md
+    assert (tmp_path / "results" / "plots" / "tradeoff.png").stat().st_size > 10_000
+
+    run_dir = tmp_path / "results" / "runs" / "digits" / "cnn" / "linf" / "pgd_at+rpat" / "seed0"
+    train = json.loads((run_dir / "train.json").read_text())
+    assert [h["epoch"] for h in train["history"]] == [1, 2]
+    assert {"loss_ce", "loss_rpat", "loss_rpat_weighted", "loss_total", "val_clean", "val_pgd"} <= set(
+        train["history"][0])
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["n_examples"] == 24 and ev["eps"] == pytest.approx(0.3)
+    assert list(ev["aa_per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"][: len(ev["aa_per_attack"])]
+    assert ev["aa"] <= min(ev["aa_per_attack"].values()) + 1e-9
+
+    # MLflow: one run per cell, tagged with its coordinates, with per-epoch metrics.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny-e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["cell"] for r in runs) == sorted(summary.cell)
+    for r in runs:
+        assert {"dataset", "model", "norm", "method", "rpat", "seed"} <= set(r.data.tags)
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_pgd")] == [1, 2]
+        assert "test_aa" in r.data.metrics and "test_clean" in r.data.metrics
+        assert r.data.params["train.epochs"] == "2"
+
+    again = snakemake("-n", "--configfile", str(cfg_path), cwd=tmp_path)
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
