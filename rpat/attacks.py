@@ -18,7 +18,9 @@ Random starts (``init``):
   ball      linf: U[-eps, eps]^d; l2: eps * u * n/||n||, n ~ N(0, I), u ~ U(0, 1) (ReBAT's start)
   none      delta = 0
 Steps: linf  x <- Proj(x + step * sign(g));  l2  x <- Proj(x + step * g / max(||g||, 1e-12)).
-Projection: clip to the eps-ball around x, then to the box [0, 1].
+Projection: clip to the eps-ball around x, then to the box [0, 1]; with ``box_first`` (advertorch's
+L2 PGD, used by PGD-AT and Consistency-AT) the box clip comes first and the L2 rescale second.
+Either order keeps the result inside both sets; they differ only where the box clip is active.
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project ``x_adv`` onto {x' : ||x' - x|| <= eps} then onto the box [0, 1]."""
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, box_first: bool = False) -> torch.Tensor:
+    """Project ``x_adv`` onto {x' : ||x' - x|| <= eps} then onto the box [0, 1] (or box first, then ball)."""
+    if box_first:
+        x_adv = x_adv.clamp(0.0, 1.0)
     delta = x_adv - x
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
@@ -119,6 +123,7 @@ def pgd(
     init: str = "uniform",
     bn: str = "eval",
     ref_logits: torch.Tensor | None = None,
+    box_first: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Maximise ``loss`` over the ``norm``-ball of radius ``eps`` around ``x`` with ``steps`` steps of size ``step``.
@@ -149,7 +154,7 @@ def pgd(
                     x_adv = x_adv + step * g.sign()
                 else:
                     x_adv = x_adv + step * g / _flat_norm(g).clamp_min(1e-12)
-                x_adv = project(x_adv, x, eps, norm)
+                x_adv = project(x_adv, x, eps, norm, box_first)
         if init == "normal" and steps == 0:
             x_adv = project(x_adv, x, eps, norm)
     return x_adv.detach()

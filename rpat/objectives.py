@@ -130,10 +130,10 @@ def compute_loss(
 
 
 def pgd_attack(model, x, y, threat: dict, hp: dict, generator=None) -> Tensor:
-    """PGD on mean CE, uniform random start (REFERENCE.md 2.1)."""
+    """PGD on mean CE, uniform random start, advertorch's L2 projection order (REFERENCE.md 2.1)."""
     return attacks.pgd(
         model, x, y, eps=threat["eps"], step=threat["step"], steps=threat["steps"], norm=threat["norm"],
-        loss="ce", init="uniform", bn=threat.get("bn", "eval"), generator=generator,
+        loss="ce", init="uniform", bn=threat.get("bn", "eval"), box_first=True, generator=generator,
     )
 
 
@@ -218,7 +218,8 @@ def mart_loss(model, x, y, x_adv, hp) -> LossOut:
     runner_up = torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])
     ce = F.cross_entropy(z_adv, y)
     bce = (-torch.log(1.0001 - p_adv.gather(1, runner_up[:, None]).squeeze(1) + 1e-12)).mean()
-    kl = (p_nat * (torch.log(p_nat) - torch.log(p_adv + 1e-12))).sum(dim=1)
+    # xlogy: a clean probability that underflows to 0 contributes 0 (KLDivLoss in the reference), not NaN
+    kl = (torch.xlogy(p_nat, p_nat) - p_nat * torch.log(p_adv + 1e-12)).sum(dim=1)
     rob = (kl * (1.0000001 - p_nat.gather(1, y[:, None]).squeeze(1))).mean()
     beta = float(hp["beta"])
     loss = ce + bce + beta * rob

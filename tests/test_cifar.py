@@ -1,0 +1,27 @@
+"""Real CIFAR-10 (the offline JPEG archive) through the real CIFAR-sized path; skips without the archive."""
+
+import pytest
+
+from rpat import config, evaluate, train
+
+
+@pytest.mark.slow
+def test_preact_resnet18_pgd_at_rpat_one_epoch_on_512_cifar10_images(cifar10_jpeg_root, tmp_path):
+    cfg = config.from_dict({
+        "experiment": "cifar-smoke",
+        "tracking": {"enabled": False},
+        "grid": [{"dataset": ["cifar10"], "model": ["preact_resnet18"], "norm": ["linf"], "method": ["pgd_at"],
+                  "rpat": [True], "seed": [0]}],
+        "data": {"paths": {"cifar10": str(cifar10_jpeg_root)}, "train_subset": 512, "val_size": 64,
+                 "batch_size": 128, "augment": "crop_flip"},
+        "threat": {"linf": {"eps": "8/255", "step": "2/255", "steps": 3}},
+        "train": {"epochs": 1, "schedule": {"name": "constant"}, "val_attack_steps": 3},
+        "eval": {"n_examples": 32, "pgd_steps": 20, "cw_steps": 5},
+    })
+    cell = cfg.cells()[0]
+    rec = train.train_cell(cfg, cell, tmp_path)
+    h = rec["history"][0]
+    assert h["loss_rpat"] > 0 and h["loss_total"] == pytest.approx(h["loss_ce"] + h["loss_rpat_weighted"], rel=1e-5)
+    res = evaluate.evaluate_cell(cfg, cell, tmp_path)
+    assert res["n_examples"] == 32 and res["eps"] == pytest.approx(8 / 255)
+    assert 0 <= res["aa"] <= res["pgd20"] <= res["clean"] <= 100

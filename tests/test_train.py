@@ -1,0 +1,151 @@
+"""Training and evaluation jobs on tiny real data: outputs, exact resume, fault handling, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rpat import checkpoint, config, evaluate, train
+
+TINY = {
+    "experiment": "unit",
+    "tracking": {"enabled": False},
+    "grid": [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["trades", "rebat"],
+              "rpat": [False, True], "seed": [0]}],
+    "data": {"val_size": 64, "train_subset": 128, "augment": "none", "batch_size": 64},
+    "threat": {"linf": {"eps": 0.2, "step": 0.1, "steps": 2}},
+    "train": {"epochs": 2, "lr": 0.05, "schedule": {"name": "multistep", "milestones": [1]}, "val_attack_steps": 2},
+    "methods": {"rebat": {"warmup_epoch": 2, "decay": 0.5}},
+    "eval": {"n_examples": 16, "pgd_steps": 3, "cw_steps": 3, "autoattack": {"enabled": False}},
+}
+
+
+def cfg_with(**sections):
+    raw = json.loads(json.dumps(TINY))
+    for k, v in sections.items():
+        raw[k] = config.deep_merge(raw.get(k, {}), v) if isinstance(v, dict) else v
+    return config.from_dict(raw)
+
+
+CELL = config.Cell("digits", "cnn", "linf", "trades", True, 0)
+
+
+def test_train_writes_checkpoints_and_record(tmp_path):
+    rec = train.train_cell(cfg_with(), CELL, tmp_path)
+    assert [h["epoch"] for h in rec["history"]] == [1, 2]
+    assert rec["history"][0]["lr"] == pytest.approx(0.05) and rec["history"][1]["lr"] == pytest.approx(0.005)
+    h = rec["history"][0]
+    assert h["loss_total"] == pytest.approx(h["loss_ce"] + h["loss_trades_kl_weighted"] + h["loss_rpat_weighted"],
+                                            rel=1e-5)
+    assert json.loads((tmp_path / "train.json").read_text())["selection"]["rule"] == "val"
+    for name in ("checkpoint-best.pt", "checkpoint-last.pt"):
+        ck = checkpoint.load(tmp_path / name)  # weights_only=True inside
+        assert ck["model_name"] == "cnn" and ck["num_classes"] == 10
+    assert checkpoint.load(tmp_path / "checkpoint-best.pt")["epoch"] == rec["selection"]["best_epoch"]
+
+
+@pytest.mark.parametrize("method", ["trades", "rebat"])
+def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, method):
+    cfg = cfg_with()
+    cell = config.Cell("digits", "cnn", "linf", method, True, 0)
+    straight = train.train_cell(cfg, cell, tmp_path / "straight")
+
+    calls = {"n": 0}
+    real = evaluate.accuracies
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed after epoch 2's training, before its state was saved
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "accuracies", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_cell(cfg, cell, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "state" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(evaluate, "accuracies", real)
+    resumed = train.train_cell(cfg, cell, tmp_path / "resumed")
+
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint-last.pt")["model"]
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoint-last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert straight["history"][1]["loss_total"] == resumed["history"][1]["loss_total"]
+
+
+def test_changed_settings_start_from_scratch(tmp_path, capsys):
+    train.train_cell(cfg_with(), CELL, tmp_path)
+    rec = train.train_cell(cfg_with(train={"lr": 0.01}), CELL, tmp_path)
+    assert "training from scratch" in capsys.readouterr().err
+    assert rec["history"][0]["lr"] == pytest.approx(0.01)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
+    with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step \d+"):
+        train.train_cell(cfg_with(train={"lr": 1e30, "schedule": {"name": "constant"}}), CELL, tmp_path)
+    assert not (tmp_path / "train.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_request_without_gpu_is_an_error_before_work(tmp_path):
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        train.train_cell(cfg_with(train={"device": "cuda"}), CELL, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    cfg = cfg_with()
+    train.train_cell(cfg, CELL, tmp_path)
+    ck = tmp_path / "checkpoint-best.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint-best.pt cannot be read"):
+        evaluate.evaluate_cell(cfg, CELL, tmp_path)
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    p = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, p)
+    with pytest.raises(checkpoint.CheckpointError, match="not an rpat checkpoint"):
+        checkpoint.load(p)
+
+
+def test_evaluate_writes_metrics_in_order(tmp_path):
+    cfg = cfg_with()
+    train.train_cell(cfg, CELL, tmp_path)
+    res = evaluate.evaluate_cell(cfg, CELL, tmp_path)
+    assert res["n_examples"] == 16
+    assert 0 <= res["pgd20"] <= res["clean"] <= 100
+    assert 0 <= res["cw"] <= 100
+    assert res["aa"] is None and res["mean"] is None
+    assert json.loads((tmp_path / "eval.json").read_text())["clean"] == res["clean"]
+
+
+def test_summary_metrics():
+    assert evaluate.summary_metrics(80.0, 40.0) == (60.0, pytest.approx(2 * 80 * 40 / 120))
+    assert evaluate.summary_metrics(0.0, 0.0) == (0.0, 0.0)
+
+
+def test_cli_info_lists_registries_with_decision_param_counts():
+    out = subprocess.run([sys.executable, "-m", "rpat", "info", "--json"], capture_output=True, text=True,
+                         check=True)
+    info = json.loads(out.stdout)
+    params = {m["name"]: m["params_10_classes"] for m in info["models"]}
+    assert params["resnet18"] == 11_173_962
+    assert params["resnet18_bottleneck"] == 13_958_986
+    assert params["preact_resnet18"] == 11_172_170
+    assert params["wrn34_10"] == 46_160_474
+    assert params["wrn28_10"] == 36_479_194
+    assert {d["name"] for d in info["datasets"]} >= {"digits", "cifar10", "cifar100", "tinyimagenet", "imagefolder"}
+    assert {o["name"] for o in info["objectives"]} >= {"ce", "noise", "pgd_at", "trades", "mart", "consistency",
+                                                       "rebat"}
+    assert info["attacks"]["norms"] == ["linf", "l2"]
+
+
+def test_cli_reports_a_cell_outside_the_grid():
+    out = subprocess.run([sys.executable, "-m", "rpat", "train", "--config", "config/config.yaml", "--cell",
+                          "digits/cnn/linf/mart/seed0"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "not in the grid" in out.stderr
