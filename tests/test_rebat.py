@@ -1,0 +1,687 @@
+"""ReBAT and RPAT++ (REFERENCE.md 1.11, 2.4, 5.2; DECISIONS.md items 3, 4, 8, 10, 12) checked against hand values.
+
+Expected numbers are computed WITHOUT torch and without rpat: plain Python floats and ``math``, the formulas of
+REFERENCE.md 1.11 written out term by term. Models are tiny bias-free maps in float64:
+
+* student ``PowNet(W, 1)``: z(x) = W x (linear), so its logits are obvious;
+* teacher ``PowNet(V, 3)``: w(x) = V (x ** 3) (cubic), so w(x_mid) - r w(x) depends on *which* end of the segment
+  r weights, and on the clean input x, not only on x'.
+
+Epochs are 1-based in rpat (the reference's 0-based epoch e is rpat's epoch e + 1): ReBAT's warm-up epoch 105 is
+rpat's ``warmup_epoch`` 106, the stronger attack's stage1 100 is rpat's ``start_epoch`` 101.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rpat import attacks
+from rpat.averaging import WeightAverage
+from rpat.objectives import OBJECTIVES, _guard_huge, compute_loss, rebat_attack, rebat_loss, rpat_plus_plus_loss
+from rpat.train import epoch_settings
+
+REL = 1e-9
+REBAT = OBJECTIVES["rebat"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch side
+
+
+class PowNet(nn.Module):
+    """z(x) = W (flatten(x) ** power), a bias-free nn.Linear with weights set explicitly."""
+
+    def __init__(self, W, power: int = 1):
+        super().__init__()
+        self.power = power
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(len(W[0]), len(W), bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.tensor(W, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.linear(self.flatten(x) ** self.power)
+
+
+class Recorder(nn.Module):
+    """Counts forward calls and keeps a copy of each call's input."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def lab(ys):
+    return torch.tensor(ys, dtype=torch.long)
+
+
+def val(tensor) -> float:
+    return float(tensor.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand side
+
+
+def h_logits(W, rows, power=1):
+    """z_c(x) = sum_j W[c][j] * x_j ** power."""
+    return [[sum(w * v**power for w, v in zip(w_c, row)) for w_c in W] for row in rows]
+
+
+def h_softmax(z):
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def h_ce(Z, Y):
+    """Mean over the batch of logsumexp(z_i) - z_i[y_i]."""
+    out = 0.0
+    for z, y in zip(Z, Y):
+        m = max(z)
+        out += m + math.log(sum(math.exp(v - m) for v in z)) - z[y]
+    return out / len(Z)
+
+
+def h_kl_bm_logits(P_logits, Q_logits):
+    """KL_bm(softmax(p) || softmax(q)) = (1/B) sum_i sum_c p_ic (log p_ic - log q_ic), terms with p = 0 give 0."""
+    out = 0.0
+    for pz, qz in zip(P_logits, Q_logits):
+        p, q = h_softmax(pz), h_softmax(qz)
+        out += sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+    return out / len(P_logits)
+
+
+def h_scale(Z, s):
+    return [[s * v for v in row] for row in Z]
+
+
+def h_sub(A, B):
+    return [[u - v for u, v in zip(a, b)] for a, b in zip(A, B)]
+
+
+def h_rebat(W, V, XA, Y, beta):
+    """REFERENCE.md 1.11 (ReBAT): CE(z(x'), y) + beta KL_bm(softmax(w(x')) || softmax(z(x')))."""
+    Za = h_logits(W, XA, 1)
+    ce = h_ce(Za, Y)
+    kl = h_kl_bm_logits(h_logits(V, XA, 3), Za)
+    return {"ce": ce, "rebat_kl": kl, "rebat_kl_weighted": beta * kl, "total": ce + beta * kl}
+
+
+def h_rpat_pp(W, V, X, XA, Y, lam, r):
+    """rpat's RPAT++ with r = clean_weight:
+        CE(z(x'), y) + lam KL_bm( softmax(w(x_mid) - r w(x)) || softmax((1-r) z(x')) ),  x_mid = r x + (1-r) x'."""
+    Za = h_logits(W, XA, 1)
+    ce = h_ce(Za, Y)
+    Xmid = [[r * a + (1 - r) * b for a, b in zip(xr, xar)] for xr, xar in zip(X, XA)]
+    target = h_sub(h_logits(V, Xmid, 3), h_scale(h_logits(V, X, 3), r))
+    term = h_kl_bm_logits(target, h_scale(Za, 1 - r))
+    return {"ce": ce, "rpat": term, "rpat_weighted": lam * term, "total": ce + lam * term}
+
+
+def h_rpat_pp_reference_form(W, V, X, XA, a):
+    """The reference's (train_cifar_ra.py) form with its `interpolation_rate` a = weight of delta:
+        u = w(x), v = w(x + a delta), R = KL_bm( softmax(v - (1-a) u) || softmax(a z(x')) ).
+    Mapping to rpat's clean_weight r: a = 1 - r, so x + a delta = r x + (1-r) x' = x_mid, (1-a) u = r w(x),
+    a z(x') = (1-r) z(x'). At r = a = 0.5 the two conventions coincide."""
+    Xa = [[xv + a * (xav - xv) for xv, xav in zip(xr, xar)] for xr, xar in zip(X, XA)]
+    target = h_sub(h_logits(V, Xa, 3), h_scale(h_logits(V, X, 3), 1 - a))
+    return h_kl_bm_logits(target, h_scale(h_logits(W, XA, 1), a))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed data: 3 classes, 2 features, inputs on a 1/4 grid
+
+W = [[1.0, -1.0], [2.0, 1.0], [-1.0, 2.0]]  # student
+V = [[2.0, 1.0], [-1.0, 3.0], [1.0, -2.0]]  # teacher (cubic)
+X = [[0.5, 0.25], [1.0, 0.0], [0.25, 0.75]]
+XA = [[0.75, 0.0], [0.5, 0.25], [0.5, 0.5]]
+Y = [0, 1, 2]
+
+
+def nets():
+    return PowNet(W, 1), PowNet(V, 3)
+
+
+def test_hand_helpers_on_closed_forms():
+    # z(x'_1) = W [0.75, 0] = [0.75, 1.5, -0.75]; w(x'_1) = V [0.421875, 0] = [0.84375, -0.421875, 0.421875]
+    assert h_logits(W, XA[:1], 1) == [[0.75, 1.5, -0.75]]
+    assert h_logits(V, XA[:1], 3) == [[0.84375, -0.421875, 0.421875]]
+    assert PowNet(W, 1)(t(XA[:1])).tolist() == [[0.75, 1.5, -0.75]]
+    assert PowNet(V, 3)(t(XA[:1])).tolist() == [[0.84375, -0.421875, 0.421875]]
+    # KL(softmax([1,0,0]) || softmax([0,1,0])) = (e-1)/(e+2) (p1 log(p1/q1) = e/(e+2) * 1, p2 log(p2/q2) = -1/(e+2))
+    e = math.e
+    assert h_kl_bm_logits([[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]) == pytest.approx((e - 1) / (e + 2), rel=1e-12)
+    # The reference form with a = 1 - r equals rpat's form (up to rounding of x_mid).
+    for r in (0.5, 0.3, 0.8):
+        ours = h_rpat_pp(W, V, X, XA, Y, 1.0, r)["rpat"]
+        assert h_rpat_pp_reference_form(W, V, X, XA, 1 - r) == pytest.approx(ours, rel=1e-12)
+    # ... and the swapped reading (a = r) is a different number away from 0.5, so the tests below pin the convention.
+    assert abs(h_rpat_pp_reference_form(W, V, X, XA, 0.3) - h_rpat_pp(W, V, X, XA, Y, 1.0, 0.3)["rpat"]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# ReBAT (REFERENCE.md 1.11 step 5, first bullet)
+
+
+def test_rebat_defaults_match_reference_in_one_based_epochs():
+    d = REBAT.defaults
+    assert REBAT.uses_teacher is True and REBAT.supports_rpat is True and REBAT.rpat_loss is rpat_plus_plus_loss
+    assert d["beta"] == 1.0 and d["decay"] == 0.999 and d["attack_bn"] == "train"
+    assert d["warmup_epoch"] == 106  # reference: epoch >= 105, 0-based
+    s = d["stronger_attack"]
+    assert s == {"enabled": False, "eps": 10 / 255, "steps": 12, "start_epoch": 101}  # reference: e >= stage1 = 100
+
+
+def test_rebat_closed_form_one_sample():
+    # One-hot input x' = e_1 picks column 1: z(x') = [0, 1, 0], w(x') = [1, 0, 0] (w cubic: 1**3 = 1).
+    # CE(z, 0) = log(e^0 + e^1 + e^0) - 0 = log(e + 2); KL(softmax([1,0,0]) || softmax([0,1,0])) = (e-1)/(e+2).
+    student, teacher = PowNet([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]], 1), PowNet([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], 3)
+    x, xa, y = t([[0.0, 1.0]]), t([[1.0, 0.0]]), lab([0])
+    e = math.e
+    for beta in (1.0, 2.5):
+        loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"teacher": teacher, "beta": beta})
+        assert val(parts["ce"]) == pytest.approx(math.log(e + 2), rel=1e-12)
+        assert val(parts["rebat_kl"]) == pytest.approx((e - 1) / (e + 2), rel=1e-12)
+        assert val(loss) == pytest.approx(math.log(e + 2) + beta * (e - 1) / (e + 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 2.0, 0.0])
+def test_rebat_loss_matches_hand_value(beta):
+    student, teacher = nets()
+    expected = h_rebat(W, V, XA, Y, beta)
+    assert expected["rebat_kl"] > 1e-2
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher, "beta": beta})
+    assert set(parts) == set(expected)
+    for key, value in expected.items():
+        assert val(parts[key]) == pytest.approx(value, rel=REL, abs=1e-15), key
+    assert parts["total"] is loss
+    # the function itself (hp with beta given explicitly, reg_active defaulting to on)
+    out = rebat_loss(student, t(X), lab(Y), t(XA), {"teacher": teacher, "beta": beta})
+    assert set(out.parts) == {"ce", "rebat_kl", "rebat_kl_weighted"}
+    assert val(out.loss) == pytest.approx(expected["total"], rel=REL)
+    assert torch.equal(out.logits["adv"], student(t(XA)))
+
+
+def test_rebat_default_beta_is_one_and_beta_scales_linearly():
+    student, teacher = nets()
+    l1, p1 = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher})
+    l3, p3 = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher, "beta": 3.0})
+    assert val(p1["rebat_kl_weighted"]) == pytest.approx(val(p1["rebat_kl"]), rel=1e-15)
+    assert val(p3["rebat_kl"]) == pytest.approx(val(p1["rebat_kl"]), rel=1e-15)  # unweighted part independent of beta
+    assert val(p3["rebat_kl_weighted"]) == pytest.approx(3.0 * val(p1["rebat_kl"]), rel=1e-12)
+    assert val(l3) - val(p3["ce"]) == pytest.approx(3.0 * (val(l1) - val(p1["ce"])), rel=1e-9)
+
+
+def test_rebat_reg_inactive_is_ce_only_and_skips_the_teacher():
+    student = PowNet(W, 1)
+    teacher = Recorder(PowNet(V, 3))
+    out = rebat_loss(student, t(X), lab(Y), t(XA), {"teacher": teacher, "beta": 1.0, "reg_active": False})
+    assert set(out.parts) == {"ce"}
+    ce = h_ce(h_logits(W, XA, 1), Y)
+    assert val(out.loss) == pytest.approx(ce, rel=REL)
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher, "reg_active": False})
+    assert set(parts) == {"ce", "total"}
+    assert val(loss) == pytest.approx(ce, rel=REL)
+    assert teacher.inputs == []
+
+
+def test_rebat_forwards_and_gradients():
+    student, teacher = Recorder(PowNet(W, 1)), Recorder(PowNet(V, 3))
+    loss, _ = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher})
+    assert len(student.inputs) == 1 and torch.equal(student.inputs[0], t(XA))
+    assert len(teacher.inputs) == 1 and torch.equal(teacher.inputs[0], t(XA))  # teacher sees x', never x
+    loss.backward()
+    assert teacher.model.linear.weight.requires_grad  # only no_grad protects it
+    assert teacher.model.linear.weight.grad is None
+    g = student.model.linear.weight.grad
+    assert g is not None and float(g.abs().sum()) > 0
+    # the KL term contributes to the student's gradient (teacher side has none)
+    s2 = PowNet(W, 1)
+    compute_loss(REBAT, s2, t(X), lab(Y), t(XA), hp={"teacher": teacher, "reg_active": False})[0].backward()
+    assert not torch.allclose(g, s2.linear.weight.grad)
+
+
+def test_rebat_with_weight_average_teacher_gets_no_gradient():
+    student = PowNet(W, 1)
+    wa = WeightAverage(PowNet(V, 3))
+    loss, _ = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": wa})
+    assert val(loss) == pytest.approx(h_rebat(W, V, XA, Y, 1.0)["total"], rel=REL)
+    loss.backward()
+    assert all(p.grad is None for p in wa.parameters())
+    assert student.linear.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# RPAT++ (REFERENCE.md 1.11 step 5, second bullet; DECISIONS.md item 3)
+#
+# rpat's `clean_weight` r weights the CLEAN end (DECISIONS.md item 1): x_mid = r x + (1-r) x'. The reference
+# (train_cifar_ra.py) writes RPAT++ with the weight of delta, a = `interpolation_rate`: teacher input x + a*delta,
+# target w(x + a delta) - (1-a) w(x), student a*z(x'). With a = 1 - r: x + a delta = x_mid, (1-a) w(x) = r w(x),
+# a z(x') = (1-r) z(x'). The reference hard-codes a = 0.5 (= r = 0.5, where both readings agree); r = 0.3 pins
+# the convention (it corresponds to the reference's a = 0.7).
+
+
+@pytest.mark.parametrize("lam", [1.0, 2.5])
+@pytest.mark.parametrize("r", [0.5, 0.3])
+def test_rpat_plus_plus_matches_hand_value(r, lam):
+    student, teacher = nets()
+    expected = h_rpat_pp(W, V, X, XA, Y, lam, r)
+    assert expected["rpat"] > 1e-3
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher},
+                               rpat={"weight": lam, "clean_weight": r})
+    # replaces the ReBAT KL term: no rebat_kl part, and the total has no BoAT contribution
+    assert set(parts) == {"ce", "rpat", "rpat_weighted", "total"}
+    for key, value in expected.items():
+        assert val(parts[key]) == pytest.approx(value, rel=REL, abs=1e-15), key
+    assert parts["total"] is loss
+    # reference form with a = 1 - r
+    assert val(parts["rpat"]) == pytest.approx(h_rpat_pp_reference_form(W, V, X, XA, 1 - r), rel=REL)
+    # not ReBAT + RPAT: the BoAT term would add beta * rebat_kl
+    boat = h_rebat(W, V, XA, Y, 1.0)["rebat_kl"]
+    assert val(loss) != pytest.approx(expected["total"] + boat, rel=1e-6)
+
+
+def test_rpat_plus_plus_convention_r_weights_the_clean_end():
+    student, teacher = nets()
+    _, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher},
+                            rpat={"weight": 1.0, "clean_weight": 0.3})
+    swapped = h_rpat_pp_reference_form(W, V, X, XA, 0.3)  # a = r: the other reading of "0.3"
+    assert abs(val(parts["rpat"]) - swapped) > 1e-3
+
+
+def test_rpat_plus_plus_defaults_r_half_lambda_one_and_ignores_beta():
+    student, teacher = nets()
+    expected = h_rpat_pp(W, V, X, XA, Y, 1.0, 0.5)
+    for hp in ({"teacher": teacher}, {"teacher": teacher, "beta": 7.0}):  # ReBAT beta and RPAT lambda are separate keys
+        loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp=hp, rpat={})
+        assert val(loss) == pytest.approx(expected["total"], rel=REL)
+        assert val(parts["rpat_weighted"]) == pytest.approx(expected["rpat"], rel=REL)
+
+
+def test_rpat_plus_plus_closed_form_linear_teacher_r_half():
+    # Linear teacher: w(x_mid) - r w(x) = (1-r) w(x'). With x' = e_1, z(x') = [0, 1, 0], w(x') = [1, 0, 0], r = 1/2:
+    # R = KL(softmax([1/2, 0, 0]) || softmax([0, 1/2, 0])) = (1/2)(s - 1)/(s + 2), s = e^(1/2).
+    student, teacher = PowNet([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]], 1), PowNet([[1.0, 3.0], [0.0, -1.0], [0.0, 1.0]], 1)
+    x, xa, y = t([[0.0, 1.0]]), t([[1.0, 0.0]]), lab([1])
+    s = math.exp(0.5)
+    loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"teacher": teacher}, rpat={"weight": 2.0})
+    assert val(parts["rpat"]) == pytest.approx(0.5 * (s - 1) / (s + 2), rel=1e-12)
+    ce = math.log(math.e + 2) - 1.0  # CE([0, 1, 0], y = 1)
+    assert val(loss) == pytest.approx(ce + 2.0 * 0.5 * (s - 1) / (s + 2), rel=1e-12)
+
+
+def test_rpat_plus_plus_reg_inactive_is_ce_only():
+    student, teacher = PowNet(W, 1), Recorder(PowNet(V, 3))
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher, "reg_active": False},
+                               rpat={"weight": 2.0, "clean_weight": 0.3})
+    assert set(parts) == {"ce", "total"}
+    assert val(loss) == pytest.approx(h_ce(h_logits(W, XA, 1), Y), rel=REL)
+    assert teacher.inputs == []
+
+
+@pytest.mark.parametrize("r", [0.5, 0.3])
+def test_rpat_plus_plus_forwards_and_gradients(r):
+    student, teacher = Recorder(PowNet(W, 1)), Recorder(PowNet(V, 3))
+    x, xa = t(X), t(XA)
+    loss, _ = compute_loss(REBAT, student, x, lab(Y), xa, hp={"teacher": teacher}, rpat={"clean_weight": r})
+    assert len(student.inputs) == 1 and torch.equal(student.inputs[0], xa)
+    assert len(teacher.inputs) == 2
+    assert torch.equal(teacher.inputs[0], x)  # u = w(x) first
+    assert torch.equal(teacher.inputs[1], r * x + (1 - r) * xa)  # then v = w(x_mid)
+    loss.backward()
+    assert teacher.model.linear.weight.grad is None
+    g = student.model.linear.weight.grad
+    assert g is not None and float(g.abs().sum()) > 0
+    s2 = PowNet(W, 1)
+    compute_loss(REBAT, s2, x, lab(Y), xa, hp={"teacher": teacher, "reg_active": False},
+                 rpat={"clean_weight": r})[0].backward()
+    assert not torch.allclose(g, s2.linear.weight.grad)  # the RPAT++ term reaches the student
+
+
+# ---------------------------------------------------------------------------------------------
+# The huge-regulariser guard (REFERENCE.md 8.18; DECISIONS.md item 3: an error, not silently dropped)
+
+
+def test_guard_huge_direct():
+    loss = torch.tensor(1.25, dtype=torch.float64)
+    for reg in (0.0, 3.0, 9.999e9):
+        out = _guard_huge(loss, torch.tensor(reg, dtype=torch.float64))
+        assert torch.equal(out, loss)
+    for reg in (1e10, 2e10, float("inf"), float("nan")):
+        assert torch.isnan(_guard_huge(loss, torch.tensor(reg, dtype=torch.float64)))
+
+
+def _huge_pair(scale):
+    # Student logits z(x') = [scale, -scale, 0] with y = 0: CE ~ 0. Teacher w(x') = [0, 1, 0] (linear, one-hot x'):
+    # softmax(w) = [1, e, 1]/(e+2) and log softmax(z) ~ [0, -2 scale, -scale], so KL_bm ~ scale (2e+1)/(e+2) ~ 1.37 scale
+    # (RPAT++ at r = 1/2: target [0, 1/2, 0], student [scale, -scale, 0]/2, R ~ 0.55 scale).
+    student = PowNet([[scale, 0.0], [-scale, 0.0], [0.0, 0.0]], 1)
+    teacher = PowNet([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], 1)
+    return student, teacher, t([[0.0, 0.0]]), t([[1.0, 0.0]]), lab([0])
+
+
+@pytest.mark.parametrize("rpat", [None, {"weight": 1.0, "clean_weight": 0.5}])
+def test_huge_regulariser_turns_loss_into_nan(rpat):
+    student, teacher, x, xa, y = _huge_pair(1e11)
+    loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"teacher": teacher}, rpat=rpat)
+    reg = parts["rpat" if rpat else "rebat_kl"]
+    assert val(reg) >= 1e10
+    assert math.isnan(val(loss))
+    assert math.isnan(val(parts["total"]))
+
+
+@pytest.mark.parametrize("rpat", [None, {"weight": 1.0, "clean_weight": 0.5}])
+def test_large_but_allowed_regulariser_is_kept(rpat):
+    student, teacher, x, xa, y = _huge_pair(1e6)
+    loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"teacher": teacher}, rpat=rpat)
+    reg = parts["rpat" if rpat else "rebat_kl"]
+    assert 1e5 < val(reg) < 1e10
+    assert val(loss) == pytest.approx(val(parts["ce"]) + val(reg), rel=1e-12)
+
+
+@pytest.mark.parametrize("rpat", [None, {"weight": 1.0, "clean_weight": 0.5}])
+def test_nan_regulariser_gives_nan_loss(rpat):
+    student = PowNet(W, 1)
+
+    def nan_teacher(inp):
+        return torch.full((inp.shape[0], 3), float("nan"), dtype=torch.float64)
+
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": nan_teacher}, rpat=rpat)
+    assert math.isfinite(val(parts["ce"]))
+    assert math.isnan(val(loss))
+
+
+# ---------------------------------------------------------------------------------------------
+# The ReBAT attack (REFERENCE.md 2.4): train-mode BatchNorm by default, 'ball' random start
+
+
+def bn_net(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 4, bias=False), nn.BatchNorm1d(4), nn.ReLU(),
+                        nn.Linear(4, 3, bias=False)).double()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.randn(4, 8, generator=gen, dtype=torch.float64))
+        net[4].weight.copy_(torch.randn(3, 4, generator=gen, dtype=torch.float64))
+    return net
+
+
+def batch(B=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 8, generator=gen, dtype=torch.float64)
+    x[0, :4] = 0.0  # box edges are active
+    x[1, 4:] = 1.0
+    y = torch.randint(0, 3, (B,), generator=gen)
+    return x, y
+
+
+THREATS = [{"eps": 8 / 255, "step": 2 / 255, "steps": 4, "norm": "linf"},
+           {"eps": 0.5, "step": 0.125, "steps": 4, "norm": "l2"}]
+
+
+@pytest.mark.parametrize("start_training", [False, True])
+def test_rebat_attack_uses_train_mode_bn_and_restores_mode(start_training):
+    net = bn_net()
+    net.train(start_training)
+    x, y = batch()
+    threat = THREATS[0]
+    out = rebat_attack(net, x, y, threat, dict(REBAT.defaults), generator=torch.Generator().manual_seed(2))
+    bn = net[2]
+    assert all(m.training is start_training for m in net.modules())
+    assert int(bn.num_batches_tracked) == threat["steps"]  # one train-mode forward per step (ball start: none)
+    assert float(bn.running_mean.abs().sum()) > 0  # started at zeros
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    assert out.shape == x.shape and not out.requires_grad
+    # DECISIONS.md item 8: attack steps leave no parameter gradients
+    assert all(p.grad is None for p in net.parameters())
+    # hp without 'attack_bn' also means train mode
+    net2 = bn_net()
+    net2.eval()
+    rebat_attack(net2, x, y, threat, {}, generator=torch.Generator().manual_seed(2))
+    assert int(net2[2].num_batches_tracked) == threat["steps"] and not net2.training
+
+
+def test_rebat_attack_eval_bn_is_configurable():
+    net = bn_net()
+    net.train()
+    x, y = batch()
+    rebat_attack(net, x, y, THREATS[0], {"attack_bn": "eval"}, generator=torch.Generator().manual_seed(2))
+    bn = net[2]
+    assert int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.running_mean, torch.zeros(4, dtype=torch.float64))
+    assert net.training
+
+
+@pytest.mark.parametrize("threat", THREATS, ids=["linf", "l2"])
+def test_rebat_attack_requests_ball_start(threat, monkeypatch):
+    calls = []
+    original = attacks.random_start
+
+    def spy(x, eps, norm, init, generator=None):
+        calls.append((eps, norm, init))
+        return original(x, eps, norm, init, generator)
+
+    monkeypatch.setattr(attacks, "random_start", spy)
+    x, y = batch()
+    rebat_attack(bn_net(), x, y, threat, {}, generator=torch.Generator().manual_seed(3))
+    assert calls == [(threat["eps"], threat["norm"], "ball")]
+
+
+def test_rebat_l2_start_is_uniform_radius_inside_the_ball():
+    # steps = 0 returns the random start. x = 0.5 and eps = 0.2 keep every coordinate off the box, so
+    # ||delta|| / eps is exactly ReBAT's radius u ~ U(0, 1) (not ||delta|| = eps as in advertorch's L2 start).
+    B, eps = 400, 0.2
+    x = torch.full((B, 8), 0.5, dtype=torch.float64)
+    y = torch.zeros(B, dtype=torch.long)
+    out = rebat_attack(bn_net(), x, y, {"eps": eps, "step": 0.05, "steps": 0, "norm": "l2"}, {},
+                       generator=torch.Generator().manual_seed(4))
+    radius = (out - x).norm(dim=1) / eps
+    assert float(radius.max()) <= 1 + 1e-12
+    assert float(radius.min()) < 0.05
+    assert 0.44 < float(radius.mean()) < 0.56  # E[U(0,1)] = 1/2
+    assert float((radius < 0.5).double().mean()) == pytest.approx(0.5, abs=0.07)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def test_rebat_linf_start_is_uniform_in_the_box():
+    B, eps = 200, 0.1
+    x = torch.full((B, 8), 0.5, dtype=torch.float64)
+    out = rebat_attack(bn_net(), x, torch.zeros(B, dtype=torch.long), {"eps": eps, "step": 0.05, "steps": 0,
+                       "norm": "linf"}, {}, generator=torch.Generator().manual_seed(5))
+    d = out - x
+    assert float(d.abs().max()) <= eps + 1e-15
+    assert float(d.abs().max()) > 0.95 * eps and abs(float(d.mean())) < 0.01
+
+
+@pytest.mark.parametrize("threat", THREATS, ids=["linf", "l2"])
+def test_rebat_attack_output_in_ball_and_box(threat):
+    x, y = batch(B=32, seed=6)
+    net = bn_net(7)
+    out = rebat_attack(net, x, y, threat, dict(REBAT.defaults), generator=torch.Generator().manual_seed(8))
+    d = out - x
+    if threat["norm"] == "linf":
+        assert float(d.abs().max()) <= threat["eps"] + 1e-12
+    else:
+        assert float(d.norm(dim=1).max()) <= threat["eps"] + 1e-12
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert float(d.abs().max()) > 0
+    # deterministic given the generator
+    net2 = bn_net(7)
+    out2 = rebat_attack(net2, x, y, threat, dict(REBAT.defaults), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(out, out2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight averaging (REFERENCE.md 1.11 step 8)
+
+
+def wa_net(W1, gamma, b):
+    net = nn.Sequential(nn.Linear(2, 3, bias=False), nn.BatchNorm1d(3)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(t(W1))
+        net[1].weight.copy_(torch.tensor(gamma, dtype=torch.float64))
+        net[1].bias.copy_(torch.tensor(b, dtype=torch.float64))
+    return net
+
+
+def set_bn_stats(net, mean, var, n):
+    bn = net[1]
+    bn.running_mean.copy_(torch.tensor(mean, dtype=torch.float64))
+    bn.running_var.copy_(torch.tensor(var, dtype=torch.float64))
+    bn.num_batches_tracked.fill_(n)
+
+
+OLD = dict(W1=[[1.0, -2.0], [3.0, 0.0], [-1.0, 4.0]], gamma=[1.0, 2.0, 3.0], b=[0.0, -1.0, 2.0])
+NEW = dict(W1=[[5.0, 2.0], [-3.0, 8.0], [7.0, 0.0]], gamma=[2.0, -2.0, 1.0], b=[4.0, 1.0, -6.0])
+OLD_STATS = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
+NEW_STATS = ([1.0, -2.0, 3.0], [4.0, 0.5, 8.0], 7)
+
+
+def flat(d):
+    return d["W1"][0] + d["W1"][1] + d["W1"][2] + d["gamma"] + d["b"]
+
+
+def wa_params(avg):
+    return [v for p in avg.module.parameters() for v in p.detach().flatten().tolist()]
+
+
+def test_weight_average_starts_as_frozen_copy():
+    net = wa_net(**OLD)
+    avg = WeightAverage(net)
+    assert all(not p.requires_grad for p in avg.parameters())
+    assert all(p.requires_grad for p in net.parameters())
+    assert wa_params(avg) == flat(OLD)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    assert wa_params(avg) == flat(OLD)  # an independent copy
+    x = t([[0.5, 0.25], [1.0, 0.0]])
+    avg.eval()
+    net.eval()
+    with torch.no_grad():
+        net[0].weight.sub_(1.0)
+        assert torch.equal(avg(x), net(x))
+
+
+def test_weight_average_decay_zero_is_exact_copy():
+    avg = WeightAverage(wa_net(**OLD))
+    net = wa_net(**NEW)
+    set_bn_stats(net, *NEW_STATS)
+    avg.update(net, decay=0.0)
+    for (name, a), b in zip(avg.module.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(not p.requires_grad for p in avg.parameters())
+
+
+@pytest.mark.parametrize("d", [0.75, 0.999])
+def test_weight_average_update_by_hand(d):
+    avg = WeightAverage(wa_net(**OLD))
+    set_bn_stats(avg.module, *OLD_STATS)
+    net = wa_net(**NEW)
+    set_bn_stats(net, *NEW_STATS)
+    avg.update(net, decay=d)
+    expected = [d * o + (1 - d) * n for o, n in zip(flat(OLD), flat(NEW))]
+    rel = 0.0 if d == 0.75 else 1e-12  # dyadic values with d = 3/4 are exact
+    for got, exp in zip(wa_params(avg), expected):
+        assert got == pytest.approx(exp, rel=rel, abs=1e-15 if rel else 0.0)
+    bn = avg.module[1]
+    for got, o, n in zip(bn.running_mean.tolist(), OLD_STATS[0], NEW_STATS[0]):
+        assert got == pytest.approx(d * o + (1 - d) * n, rel=rel, abs=1e-15 if rel else 0.0)
+    for got, o, n in zip(bn.running_var.tolist(), OLD_STATS[1], NEW_STATS[1]):
+        assert got == pytest.approx(d * o + (1 - d) * n, rel=rel, abs=1e-15 if rel else 0.0)
+    assert int(bn.num_batches_tracked) == 7  # copied, not averaged
+    assert bn.num_batches_tracked.dtype == torch.long
+    # the online model is untouched
+    assert [v for p in net.parameters() for v in p.detach().flatten().tolist()] == flat(NEW)
+    # a second update compounds: old2 = d * avg1 + (1 - d) * new
+    avg.update(net, decay=d)
+    expected2 = [d * a + (1 - d) * n for a, n in zip(expected, flat(NEW))]
+    for got, exp in zip(wa_params(avg), expected2):
+        assert got == pytest.approx(exp, rel=1e-12, abs=1e-15)
+    assert all(not p.requires_grad for p in avg.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-epoch settings (REFERENCE.md 1.11 "Per epoch" and step 3, in 1-based epochs)
+
+THREAT = {"eps": 8 / 255, "step": 2 / 255, "steps": 10, "norm": "linf"}
+
+
+def hp_with(**kw):
+    return {**REBAT.defaults, **kw}
+
+
+def test_epoch_settings_warmup_gates_regulariser_and_decay():
+    hp = hp_with(warmup_epoch=5, decay=0.9)
+    teacher = object()
+    for epoch in (1, 4):
+        threat_e, hp_e, decay = epoch_settings(THREAT, hp, epoch, teacher)
+        assert hp_e["reg_active"] is False and decay == 0.0
+        assert hp_e["teacher"] is teacher
+        assert threat_e == THREAT
+    for epoch in (5, 6, 50):
+        _, hp_e, decay = epoch_settings(THREAT, hp, epoch, teacher)
+        assert hp_e["reg_active"] is True and decay == 0.9
+        assert hp_e["teacher"] is teacher
+    assert "teacher" not in hp and "reg_active" not in hp  # the input is not mutated
+
+
+def test_epoch_settings_reference_defaults():
+    # REFERENCE.md 1.11: d = 0.999 and beta on for 0-based epoch >= 105, i.e. rpat epoch >= 106.
+    hp = hp_with()
+    _, hp_e, decay = epoch_settings(THREAT, hp, 105, object())
+    assert (hp_e["reg_active"], decay) == (False, 0.0)
+    _, hp_e, decay = epoch_settings(THREAT, hp, 106, object())
+    assert (hp_e["reg_active"], decay) == (True, 0.999)
+    # stronger attack disabled by default: the threat never changes
+    for epoch in (1, 101, 200):
+        assert epoch_settings(THREAT, hp, epoch, object())[0] == THREAT
+
+
+def test_epoch_settings_stronger_attack():
+    strong = {"enabled": True, "eps": 10 / 255, "steps": 12, "start_epoch": 101}
+    hp = hp_with(stronger_attack=strong)
+    threat = dict(THREAT)
+    before = epoch_settings(threat, hp, 100, object())[0]
+    assert before == THREAT
+    for epoch in (101, 150):
+        after = epoch_settings(threat, hp, epoch, object())[0]
+        assert after == {"eps": 10 / 255, "step": 2 / 255, "steps": 12, "norm": "linf"}  # same step and norm
+    assert threat == THREAT  # not mutated
+    off = hp_with(stronger_attack={**strong, "enabled": False})
+    for epoch in (100, 101, 150):
+        assert epoch_settings(threat, off, epoch, object())[0] == THREAT
+
+
+def test_epoch_settings_without_teacher():
+    hp = {"beta": 6.0}
+    for epoch in (1, 106, 200):
+        threat_e, hp_e, decay = epoch_settings(THREAT, hp, epoch, None)
+        assert hp_e is hp and hp_e == {"beta": 6.0}
+        assert decay == 0.0
+        assert threat_e == THREAT
+    hp = hp_with(warmup_epoch=2)
+    _, hp_e, decay = epoch_settings(THREAT, hp, 5, None)
+    assert hp_e == hp and "reg_active" not in hp_e and "teacher" not in hp_e and decay == 0.0
