@@ -16,7 +16,9 @@ def test_preact_resnet18_pgd_at_rpat_one_epoch_on_512_cifar10_images(cifar10_jpe
                  "batch_size": 128, "augment": "crop_flip"},
         "threat": {"linf": {"eps": "8/255", "step": "2/255", "steps": 3}},
         "train": {"epochs": 1, "schedule": {"name": "constant"}, "val_attack_steps": 3},
-        "eval": {"n_examples": 32, "pgd_steps": 20, "cw_steps": 5},
+        # AutoAttack's Square (5,000 queries per surviving point) takes minutes for an 11M-parameter
+        # network on CPU; the AutoAttack path is covered on digits (test_workflow, the demo).
+        "eval": {"n_examples": 32, "pgd_steps": 20, "cw_steps": 5, "autoattack": {"enabled": False}},
     })
     cell = cfg.cells()[0]
     rec = train.train_cell(cfg, cell, tmp_path)
@@ -24,4 +26,4 @@ def test_preact_resnet18_pgd_at_rpat_one_epoch_on_512_cifar10_images(cifar10_jpe
     assert h["loss_rpat"] > 0 and h["loss_total"] == pytest.approx(h["loss_ce"] + h["loss_rpat_weighted"], rel=1e-5)
     res = evaluate.evaluate_cell(cfg, cell, tmp_path)
     assert res["n_examples"] == 32 and res["eps"] == pytest.approx(8 / 255)
-    assert 0 <= res["aa"] <= res["pgd20"] <= res["clean"] <= 100
+    assert 0 <= res["pgd20"] <= res["clean"] <= 100 and 0 <= res["cw"] <= 100
