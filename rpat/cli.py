@@ -35,10 +35,14 @@ def _run_dir(cfg, cell, given):
 
 
 def cmd_train(args) -> int:
-    from rpat.train import train_cell
+    from rpat.train import Preempted, train_cell
 
     cfg, cell = _load(args)
-    train_cell(cfg, cell, _run_dir(cfg, cell, args.out), threads=args.threads)
+    try:
+        train_cell(cfg, cell, _run_dir(cfg, cell, args.out), threads=args.threads)
+    except Preempted as e:
+        print(f"rpat train: {e}", file=sys.stderr)
+        return Preempted.exit_code
     return 0
 
 

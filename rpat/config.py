@@ -53,6 +53,9 @@ DEFAULTS: dict[str, Any] = {
         "val_attack_steps": 10,
         "device": "auto",
         "threads": None,
+        "precision": "float32",
+        "channels_last": False,
+        "compile": False,
     },
     "methods": {},  # filled from each objective's defaults below
     "rpat": {"weight": 1.0, "clean_weight": 0.5, "start_epoch": 1},
@@ -326,11 +329,16 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Keys that change where and how fast a job runs, not what it computes. (channels_last and compile
+# reorder float sums, so they stay in the fingerprint: a resumed run never mixes the two.)
+SPEED_ONLY = ("device", "threads")
+
+
 def train_settings(resolved: dict) -> dict:
     """The part of a cell's settings that determines its training (not evaluation or resources)."""
     cell = resolved["cell"]
     keys = {"cell": cell, "data": resolved["data"], "threat": resolved["threat"][cell["norm"]],
-            "train": {k: v for k, v in resolved["train"].items() if k not in ("device", "threads")},
+            "train": {k: v for k, v in resolved["train"].items() if k not in SPEED_ONLY},
             "method": resolved["methods"].get(cell["method"], {})}
     if cell["rpat"]:
         keys["rpat"] = resolved["rpat"]

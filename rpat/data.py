@@ -705,10 +705,18 @@ class Batches:
         n = len(self.y)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def new_order(self) -> torch.Tensor | None:
+        """This epoch's example order (None: sequential); drawn from ``generator``."""
+        return torch.randperm(len(self.y), generator=self.generator) if self.shuffle else None
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate(self.new_order())
+
+    def iterate(self, order: torch.Tensor | None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start, start+1, ...`` of an epoch with example ``order`` (resume mid-epoch)."""
         n = len(self.y)
-        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
-        for b in range(len(self)):
+        order = order.to(self.x.device) if order is not None else None
+        for b in range(start, len(self)):
             sl = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
             idx = order[sl] if order is not None else sl
             xb, yb = to_float(self.x[idx]), self.y[idx]

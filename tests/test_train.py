@@ -149,3 +149,70 @@ def test_cli_reports_a_cell_outside_the_grid():
                           "digits/cnn/linf/mart/seed0"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "not in the grid" in out.stderr
+
+
+def test_signal_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
+    """SIGTERM in the middle of an epoch: the job saves within the epoch, exits 75, resumes bit-exactly."""
+    import os
+    import signal as sig
+
+    from rpat import objectives
+
+    cfg = cfg_with(data={"train_subset": 256})  # 4 batches per epoch
+    cell = config.Cell("digits", "cnn", "linf", "rebat", True, 0)
+    train.train_cell(cfg, cell, tmp_path / "straight")
+
+    real = objectives.compute_loss
+    calls = {"n": 0}
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, step 2 of 4
+            os.kill(os.getpid(), sig.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objectives, "compute_loss", signalled)
+    with pytest.raises(train.Preempted, match=r"SIGTERM at epoch 2, step 2/4") as e:
+        train.train_cell(cfg, cell, tmp_path / "resumed")
+    assert e.value.exit_code == 75
+    state = torch.load(tmp_path / "resumed" / "state" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["partial"]["step"] == 2
+    monkeypatch.setattr(objectives, "compute_loss", real)
+    train.train_cell(cfg, cell, tmp_path / "resumed")
+
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint-last.pt")["model"]
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoint-last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha = json.loads((tmp_path / "straight" / "train.json").read_text())["history"]
+    hb = json.loads((tmp_path / "resumed" / "train.json").read_text())["history"]
+    assert [h["loss_total"] for h in ha] == [h["loss_total"] for h in hb]
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades", "mart", "consistency"])
+def test_channels_last_gives_the_same_float32_losses(method):
+    """Same weights, same inputs: the loss and its parts agree to float32 rounding (oneDNN's channels-last
+    kernels sum in another order, so whole training runs drift apart chaotically, not systematically)."""
+    from rpat import models, objectives
+
+    torch.manual_seed(0)
+    net = models.build("cnn", num_classes=10, in_channels=3, image_size=16).train()
+    fast = models.build("cnn", num_classes=10, in_channels=3, image_size=16).train()
+    fast.load_state_dict(net.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    x = torch.rand(8, 3, 16, 16)
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    y = torch.arange(8) % 10
+    obj = objectives.OBJECTIVES[method]
+    if obj.views == 2:
+        x, x_adv, y = torch.cat([x, x.flip(0)]), torch.cat([x_adv, x_adv.flip(0)]), y.repeat(2)
+    rp = {"weight": 1.0, "clean_weight": 0.5}
+    la, pa = objectives.compute_loss(obj, net, x, y, x_adv, rpat=rp)
+    lb, pb = objectives.compute_loss(obj, fast, x, y, x_adv, rpat=rp)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert float(pb[k]) == pytest.approx(float(pa[k]), rel=1e-5, abs=1e-6), k
+    la.backward()
+    lb.backward()
+    for p, q in zip(net.parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
