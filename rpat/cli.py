@@ -76,6 +76,16 @@ def cmd_init_tracking(args) -> int:
     return 0
 
 
+def cmd_sync_tracking(args) -> int:
+    from rpat import tracking
+
+    cfg, _ = _load(args)
+    added = tracking.reconcile(cfg, Path(cfg.results_dir) / "runs")
+    print(f"MLflow reconciled with the JSON results: added {added['runs']} runs, "
+          f"{added['metric_points']} metric points, {added['artifacts']} artifacts")
+    return 0
+
+
 def info() -> dict:
     from rpat import attacks, data, models, objectives, schedules
 
@@ -135,10 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--inputs", nargs="*", help="eval.json files (default: those of the config's grid)")
     r.add_argument("--out", help="output directory (default <results_dir>)")
     job("init-tracking", cmd_init_tracking, "create the MLflow store and experiment once", cell=False)
+    job("sync-tracking", cmd_sync_tracking, "add to MLflow whatever the JSON results hold and it lacks", cell=False)
+    sub.add_parser("bench", help="speed and memory benchmarks (rpat bench --help)")
     i = sub.add_parser("info", help="registered datasets, models, objectives, attacks")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser, so `rpat bench --help` shows its options
+        from rpat.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = p.parse_args(argv)
     from rpat.checkpoint import CheckpointError
     from rpat.config import ConfigError

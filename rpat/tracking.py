@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -163,3 +164,60 @@ class CellRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._guard("run end", lambda: self.client.set_terminated(self.run_id, status))
+
+
+def reconcile(cfg, runs_dir: str | Path) -> dict:
+    """Make MLflow hold every cell's JSON results (idempotent): the run, its params and tags, every
+    epoch's metrics, the test metrics and the JSON artifacts, whatever live logging managed to write.
+    Returns counts of what was added."""
+    from rpat.runtime import read_json
+
+    added = {"runs": 0, "metric_points": 0, "artifacts": 0}
+    if not cfg.tracking["enabled"]:
+        return added
+    try:
+        from mlflow.entities import Metric
+    except Exception as e:  # noqa: BLE001
+        _warn("reconciliation", e)
+        return added
+    for cell in cfg.cells():
+        cell_dir = Path(runs_dir) / cell.id
+        train_path, eval_path = cell_dir / "train.json", cell_dir / "eval.json"
+        if not train_path.is_file():
+            continue
+        record = read_json(train_path)
+        run = CellRun(cfg.tracking["uri"], cfg.experiment, cell.tags(), run_id=record.get("mlflow_run_id"),
+                      enabled=True)
+        if run.client is None or run.run_id is None:
+            continue
+        try:
+            existing = run.client.get_run(run.run_id)
+            if not existing.data.params:
+                added["runs"] += 1
+            run.log_params(record["settings"])
+            run.set_tags({"train_fingerprint": record["fingerprint"]})
+            points = [(k, v, h["epoch"]) for h in record["history"] for k, v in h.items() if k != "epoch"]
+            results = read_json(eval_path) if eval_path.is_file() else None
+            if results:
+                points += [(f"test_{k}", results[k], 0) for k in ("clean", "pgd20", "cw", "aa", "mean", "nrr")
+                           if results.get(k) is not None]
+                points += [(f"test_aa_after_{k}", v, 0) for k, v in results.get("aa_per_attack", {}).items()]
+            have = {}
+            for key in {k for k, _, _ in points}:
+                have[key] = {m.step for m in run.client.get_metric_history(run.run_id, key)}
+            ts = int(time.time() * 1000)
+            missing = [Metric(k, float(v), ts, step) for k, v, step in points
+                       if v is not None and step not in have[k]]
+            for i in range(0, len(missing), 500):
+                run.client.log_batch(run.run_id, metrics=missing[i:i + 500])
+            added["metric_points"] += len(missing)
+            listed = {a.path for a in run.client.list_artifacts(run.run_id)}
+            for path in (train_path, eval_path):
+                if path.is_file() and path.name not in listed:
+                    run.client.log_artifact(run.run_id, str(path))
+                    added["artifacts"] += 1
+            if results:
+                run.client.set_terminated(run.run_id, "FINISHED")
+        except Exception as e:  # noqa: BLE001
+            _warn(f"reconciliation of {cell.id}", e)
+    return added

@@ -1,0 +1,317 @@
+"""``rpat bench``: speed and memory numbers, as JSON lines and a table.
+
+Every comparison is a ratio measured in one run (medians over repeats, warm-up excluded), so a
+loaded machine shifts both sides alike. Lines (``name``, ``value``, ``unit`` + identifying settings):
+
+  train_step                   seconds per training step, one line per objective x rpat
+  rpat_overhead_<objective>    step time ratio, RPAT on / off
+  reference_step               seconds per step of a re-creation of the published code's hot path
+  speedup_vs_reference         reference step time / rpat step time (PGD-AT and PGD-AT+RPAT)
+  eval_clean / eval_pgd20 / eval_autoattack     images per second
+  autoattack_wrapper_overhead  rpat's AutoAttack wrapper / pyautoattack called directly
+  data_loading                 images per second delivered by the in-memory loader (crop+flip)
+  data_vs_step                 loader rate / training-step rate (>1: data is not the bottleneck)
+  plan_paper_grid              seconds for ``snakemake -n`` on config/paper.yaml
+  demo_wall                    seconds for the whole demo grid (``--demo`` only)
+  peak_rss_train / peak_rss_eval    MB of host memory of a real demo-sized job (+ device MB on GPU)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rpat import attacks, data, models, objectives
+from rpat.averaging import WeightAverage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _model(name: str, channels: int, size: int, device, channels_last=False):
+    torch.manual_seed(0)
+    m = models.build(name, num_classes=10, in_channels=channels, image_size=size).to(device)
+    return m.to(memory_format=torch.channels_last) if channels_last else m
+
+
+def make_train_step(objective_name: str, rpat: bool, model, x, y, threat: dict, precision: str = "float32"):
+    """One training step exactly as rpat.train runs it (attack, loss, backward, SGD, ReBAT's teacher)."""
+    obj = objectives.OBJECTIVES[objective_name]
+    hp = dict(obj.defaults)
+    teacher = None
+    if obj.uses_teacher:
+        teacher = WeightAverage(model).eval()
+        hp.update(teacher=teacher, reg_active=True)
+    if obj.views == 2:
+        x, y = torch.cat([x, x.flip(0)]), y.repeat(2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    rp = {"weight": 1.0, "clean_weight": 0.5} if rpat else None
+    amp = (torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16"
+           else torch.autocast(x.device.type, enabled=False))
+
+    def step():
+        model.train()
+        with amp:
+            x_adv = obj.attack(model, x, y, threat, hp)
+            loss, _ = objectives.compute_loss(obj, model, x, y, x_adv, hp, rp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if teacher is not None:
+            with torch.no_grad():
+                model(x)
+            teacher.update(model, hp["decay"])
+
+    return step
+
+
+def make_reference_step(model, x, y, threat: dict, rpat: bool):
+    """The published Benchmarks code's PGD-AT(+RPAT) step, re-created from its specification: advertorch
+    0.2.3's PGD (sum-reduced CE, ``loss.backward()`` into the parameters at every attack iteration, the
+    perturbation updated through ``.data``), the model in eval mode for the attack, then the training
+    forwards of adv_train(_ra).py and a ``.item()`` per step for logging."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    eps, alpha, iters = threat["eps"], threat["step"], threat["steps"]
+
+    def step():
+        model.eval()
+        delta = torch.zeros_like(x).uniform_(-eps, eps)
+        delta = torch.clamp(x + delta, 0, 1) - x
+        delta.requires_grad_()
+        for _ in range(iters):
+            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            loss.backward()
+            delta.data = delta.data + alpha * delta.grad.data.sign()
+            delta.data = torch.clamp(delta.data, -eps, eps)
+            delta.data = torch.clamp(x.data + delta.data, 0, 1) - x.data
+            delta.grad.data.zero_()
+        x_adv = torch.clamp(x + delta.data, 0, 1).detach()
+        model.train()
+        z_adv = model(x_adv)
+        loss = F.cross_entropy(z_adv, y)
+        if rpat:
+            z_mid = model(0.5 * x + 0.5 * x_adv)
+            z_cln = model(x)
+            loss = loss + F.mse_loss(z_mid, 0.5 * z_cln + 0.5 * z_adv)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    return step
+
+
+def bench_train_steps(out: Callable[[dict], None], *, model_name: str, batch: int, size: int, channels: int,
+                      steps: int, repeats: int, device, objectives_list: list[str], precision: str = "float32",
+                      channels_last: bool = False) -> dict:
+    torch.manual_seed(0)
+    x = torch.rand(batch, channels, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    threat = {"eps": 8 / 255, "step": 2 / 255, "steps": steps, "norm": "linf"}
+    result = {}
+    for name in objectives_list:
+        for rp in (False, True):
+            model = _model(model_name, channels, size, device, channels_last)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sec = median_time(make_train_step(name, rp, model, x, y, threat, precision), repeats, 1, device)
+            result[(name, rp)] = sec
+            line = {"name": "train_step", "value": sec, "unit": "s/step", "objective": name, "rpat": rp,
+                    "model": model_name, "batch": batch, "image_size": size, "attack_steps": steps,
+                    "device": str(device), "precision": precision, "channels_last": channels_last}
+            if device.type == "cuda":
+                line["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            out(line)
+        out({"name": f"rpat_overhead_{name}", "value": result[(name, True)] / result[(name, False)],
+             "unit": "ratio", "objective": name, "model": model_name, "batch": batch, "device": str(device)})
+    return result
+
+
+def bench_reference(out, *, model_name, batch, size, steps, repeats, device, ours: dict | None = None) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    threat = {"eps": 8 / 255, "step": 2 / 255, "steps": steps, "norm": "linf"}
+    for rp in (False, True):
+        ref_model = _model(model_name, 3, size, device)
+        our_model = _model(model_name, 3, size, device)
+        ref_step = make_reference_step(ref_model, x, y, threat, rp)
+        our_step = make_train_step("pgd_at", rp, our_model, x, y, threat)
+        ref_t, our_t = [], []
+        for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
+            ref_t.append(median_time(ref_step, 1, 0 if ref_t else 1, device))
+            our_t.append(median_time(our_step, 1, 0 if our_t else 1, device))
+        ref, our = statistics.median(ref_t), statistics.median(our_t)
+        common = {"objective": "pgd_at", "rpat": rp, "model": model_name, "batch": batch, "attack_steps": steps,
+                  "device": str(device)}
+        out({"name": "reference_step", "value": ref, "unit": "s/step", **common})
+        out({"name": "rpat_step", "value": our, "unit": "s/step", **common})
+        out({"name": "speedup_vs_reference", "value": ref / our, "unit": "ratio", **common})
+
+
+def bench_eval(out, *, device, n: int, repeats: int) -> None:
+    """Clean / PGD-20 / AutoAttack throughput, and the AutoAttack wrapper against pyautoattack directly."""
+    from pyautoattack import AutoAttack
+
+    from rpat.evaluate import run_autoattack
+
+    splits = data.load_splits("digits", {"val_size": 0})
+    x, y = data.to_float(splits.test[0][:n]).to(device), splits.test[1][:n].to(device)
+    model = _model("cnn", 1, 8, device).eval()
+    batches = data.Batches(x, y, 500, device=device)
+    threat = {"eps": 0.2, "step": 0.05, "norm": "linf"}
+    from rpat.evaluate import accuracies
+
+    t_clean = median_time(lambda: accuracies(model, batches, threat, steps=0), repeats, 1, device)
+    t_pgd = median_time(lambda: accuracies(model, batches, threat, steps=20, with_clean=False), repeats, 1, device)
+    out({"name": "eval_clean", "value": n / t_clean, "unit": "img/s", "model": "cnn", "n": n, "device": str(device)})
+    out({"name": "eval_pgd20", "value": n / t_pgd, "unit": "img/s", "model": "cnn", "n": n, "device": str(device)})
+
+    def direct():
+        adversary = AutoAttack(model, norm="Linf", eps=0.2, seed=0, version="standard", device=device)
+        adversary.run_standard_evaluation(x, y, batch_size=500)
+
+    def wrapped():
+        run_autoattack(model, x, y, norm="linf", eps=0.2, seed=0, batch_size=500, device=device)
+
+    d_t, w_t = [], []
+    for _ in range(repeats):
+        d_t.append(median_time(direct, 1, 0, device))
+        w_t.append(median_time(wrapped, 1, 0, device))
+    d, w = statistics.median(d_t), statistics.median(w_t)
+    out({"name": "eval_autoattack", "value": n / w, "unit": "img/s", "model": "cnn (untrained)", "n": n,
+         "device": str(device)})
+    out({"name": "autoattack_wrapper_overhead", "value": w / d, "unit": "ratio", "direct_s": d, "wrapped_s": w,
+         "n": n, "device": str(device)})
+
+
+def bench_data(out, *, device, batch: int, step_rate: float | None, repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (10_000, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (10_000,), generator=g)
+    loader = data.Batches(x, y, batch, shuffle=True, augment=data.random_crop_flip, device=device, generator=g)
+
+    def epoch():
+        for xb, _ in loader:
+            pass
+        return xb
+
+    sec = median_time(epoch, repeats, 1, device)
+    rate = len(y) / sec
+    out({"name": "data_loading", "value": rate, "unit": "img/s", "augment": "crop_flip", "batch": batch,
+         "image_size": 32, "device": str(device)})
+    if step_rate:
+        out({"name": "data_vs_step", "value": rate / step_rate, "unit": "ratio", "device": str(device)})
+
+
+def _run_peak(cmd: list[str], cwd: Path) -> tuple[int, float]:
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return proc.returncode, usage.ru_maxrss / 1024  # KB -> MB on Linux
+
+
+def bench_jobs(out, *, demo: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "Snakefile"),
+                              "--configfile", str(ROOT / "config" / "paper.yaml")], cwd=tmp, capture_output=True,
+                             text=True)
+        plan = time.perf_counter() - t0
+        if res.returncode == 0:
+            out({"name": "plan_paper_grid", "value": plan, "unit": "s", "jobs": 70})
+        cfg = ROOT / "config" / "config.yaml"
+        cell = "digits/cnn/linf/trades+rpat/seed0"
+        _, rss = _run_peak([sys.executable, "-m", "rpat", "train", "--config", str(cfg), "--cell", cell,
+                            "--threads", "1"], tmp)
+        out({"name": "peak_rss_train", "value": rss, "unit": "MB", "job": f"demo {cell}"})
+        _, rss = _run_peak([sys.executable, "-m", "rpat", "evaluate", "--config", str(cfg), "--cell", cell,
+                            "--threads", "1"], tmp)
+        out({"name": "peak_rss_eval", "value": rss, "unit": "MB", "job": f"demo {cell}"})
+        if demo:
+            (tmp / "demo").mkdir()
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"),
+                            "--configfile", str(cfg)], cwd=tmp / "demo", check=True, capture_output=True)
+            out({"name": "demo_wall", "value": time.perf_counter() - t0, "unit": "s", "cores": 2})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="rpat bench", description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="JSON lines only")
+    p.add_argument("--quick", action="store_true", help="small settings (< 3 minutes on a 2-core CPU)")
+    p.add_argument("--demo", action="store_true", help="also time the whole demo grid")
+    p.add_argument("--reference", action="store_true",
+                   help="also compare with the published code's step (resnet18_bottleneck, batch 16, PGD-10)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
+    p.add_argument("--channels-last", action="store_true")
+    args = p.parse_args(argv)
+
+    from rpat.runtime import select_device, set_threads
+
+    device = select_device(args.device)
+    set_threads(args.threads)
+    rows: list[dict] = []
+
+    def out(line: dict) -> None:
+        line = {"name": line.pop("name"), "value": line.pop("value"), "unit": line.pop("unit"), **line}
+        rows.append(line)
+        print(json.dumps(line), flush=True)
+
+    if args.quick:
+        cfg = dict(model_name="cnn", batch=64, size=32, channels=3, steps=10, repeats=5)
+    elif device.type == "cuda":
+        cfg = dict(model_name="preact_resnet18", batch=128, size=32, channels=3, steps=10, repeats=10)
+    else:
+        cfg = dict(model_name="resnet18", batch=32, size=32, channels=3, steps=10, repeats=3)
+    names = list(objectives.OBJECTIVES) if not args.quick else ["pgd_at", "trades", "mart", "consistency", "rebat"]
+    names = [n for n in names if objectives.OBJECTIVES[n].supports_rpat]
+    steps = bench_train_steps(out, device=device, objectives_list=names, precision=args.precision,
+                              channels_last=args.channels_last, **cfg)
+    step_rate = cfg["batch"] / steps[("pgd_at", True)]
+    bench_data(out, device=device, batch=cfg["batch"], step_rate=step_rate, repeats=3)
+    bench_eval(out, device=device, n=200 if args.quick else 400, repeats=3)
+    if args.reference:
+        bench_reference(out, model_name="resnet18_bottleneck", batch=16, size=32, steps=10,
+                        repeats=3 if device.type == "cpu" else 10, device=device)
+    bench_jobs(out, demo=args.demo)
+    if not args.json:
+        print(f"\n{'name':<30} {'value':>12} {'unit':<8} settings", file=sys.stderr)
+        for r in rows:
+            settings = {k: v for k, v in r.items() if k not in ("name", "value", "unit")}
+            print(f"{r['name']:<30} {r['value']:>12.4g} {r['unit']:<8} {json.dumps(settings)}", file=sys.stderr)
+    return 0
