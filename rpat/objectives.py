@@ -52,6 +52,9 @@ class Objective:
     # rpat_loss(model, x, y, x_adv, hp, rpat) -> LossOut (RPAT++ replaces ReBAT's regulariser).
     rpat_loss: Callable[..., LossOut] | None = None
     uses_teacher: bool = False  # needs hp['teacher'], a weight-averaged model (ReBAT, RPAT++)
+    # Validation metric that picks the best checkpoint: 'pgd' (robust accuracy) for adversarial
+    # training, 'clean' for standard and noise training, whose robust accuracy is ~0 throughout.
+    select_on: str = "pgd"
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -304,9 +307,10 @@ def rpat_plus_plus_loss(model, x, y, x_adv, hp, rpat) -> LossOut:
     return LossOut(loss, parts, {"adv": z_adv})
 
 
-register(Objective("ce", "standard training: CE on clean inputs (no attack)", no_attack, ce_loss, supports_rpat=False))
+register(Objective("ce", "standard training: CE on clean inputs (no attack)", no_attack, ce_loss, supports_rpat=False,
+                   select_on="clean"))
 register(Objective("noise", "CE on clip(x + U[-eps, eps]) (the paper's perception analysis)", noise_attack,
-                   adversarial_ce_loss))
+                   adversarial_ce_loss, select_on="clean"))
 register(Objective("pgd_at", "PGD-AT (Madry et al.): CE on PGD examples", pgd_attack, adversarial_ce_loss))
 register(Objective("trades", "TRADES (Zhang et al.): CE + beta KL(clean || adv)", trades_attack, trades_loss,
                    defaults={"beta": 6.0, "second_clean_forward": True}))

@@ -230,8 +230,9 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
             record.update({"val_clean": val["clean"], "val_pgd": val["pgd"], "epoch_s": time.time() - t_epoch})
             history.append(record)
 
-            if tcfg["select"] == "last" or val["pgd"] > best["metric"]:
-                best = {"epoch": epoch, "metric": val["pgd"]}
+            metric = val[objective.select_on]
+            if tcfg["select"] == "last" or metric > best["metric"]:
+                best = {"epoch": epoch, "metric": metric}
                 checkpoint.save({"model": selected.state_dict(), "epoch": epoch, "fingerprint": fp,
                                  **model_meta(splits, cell.model)}, state_dir / "best.pt")
             save_state(epoch, None)
@@ -256,7 +257,8 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
         "experiment": cfg.experiment,
         "fingerprint": fp,
         "selection": {"rule": tcfg["select"], "split": "test" if tcfg["select"] == "test" else "val",
-                      "best_epoch": best["epoch"], "best_val_pgd": best["metric"]},
+                      "metric": f"val_{objective.select_on}", "best_epoch": best["epoch"],
+                      "best_value": best["metric"]},
         "checkpoints": {"best": "checkpoint-best.pt", "last": "checkpoint-last.pt"},
         "history": history,
         "wall_s": wall_before + time.time() - t0,
@@ -266,6 +268,6 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
         "settings": resolved,
     }
     runtime.write_json(out_dir / "train.json", result)
-    run.log_metrics({"best_epoch": best["epoch"], "best_val_pgd": best["metric"], "train_wall_s": result["wall_s"]})
+    run.log_metrics({"best_epoch": best["epoch"], "best_val_metric": best["metric"], "train_wall_s": result["wall_s"]})
     run.log_artifact(out_dir / "train.json")
     return result

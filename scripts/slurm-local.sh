@@ -37,11 +37,13 @@ die() {
 }
 
 show_logs() {
-  local f
-  for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" /var/log/munge/munged.log; do
-    if [ -s "$f" ]; then
-      echo "----- last lines of $f -----" >&2
-      tail -n 25 "$f" >&2
+  local f n
+  for f in "$LOG_DIR/slurmctld.log:25" "$LOG_DIR/slurmd.log:25" /var/log/munge/munged.log:8; do
+    n="${f##*:}"
+    f="${f%:*}"
+    if as_root test -s "$f"; then
+      echo "----- last $n lines of $f -----" >&2
+      as_root tail -n "$n" "$f" >&2
     fi
   done
 }
