@@ -76,9 +76,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _method_defaults() -> dict:
-    from rpat.objectives import OBJECTIVES
+    from rpat.catalog import catalog
 
-    return {name: copy.deepcopy(o.defaults) for name, o in OBJECTIVES.items() if o.defaults}
+    return {name: copy.deepcopy(o["defaults"]) for name, o in catalog()["objectives"].items() if o["defaults"]}
 
 
 DEFAULTS["methods"] = _method_defaults()
@@ -86,10 +86,10 @@ DEFAULTS["methods"] = _method_defaults()
 
 def _schema_of(value: Any, key: str = "") -> dict:
     """A schema accepting values shaped like ``value`` (a method's default hyperparameter)."""
-    from rpat.attacks import BN_MODES
+    from rpat.catalog import catalog
 
     if key.endswith("_bn"):
-        return {"type": "string", "enum": list(BN_MODES)}
+        return {"type": "string", "enum": catalog()["bn_modes"]}
     if isinstance(value, bool):
         return {"type": "boolean"}
     if isinstance(value, (int, float)):
@@ -144,18 +144,19 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def schema() -> dict:
     """The JSON schema with the registries' names filled in."""
-    from rpat import attacks, data, models, objectives
+    from rpat.catalog import catalog
 
+    cat = catalog()
     text = resources.files("rpat").joinpath("config.schema.yaml").read_text()
     s = yaml.safe_load(text)
     block = s["properties"]["grid"]["items"]["properties"]
     for key, names in (
-        ("dataset", data.DATASETS),
-        ("model", models.MODELS),
-        ("norm", attacks.NORMS),
-        ("method", objectives.OBJECTIVES),
+        ("dataset", cat["datasets"]),
+        ("model", cat["models"]),
+        ("norm", cat["norms"]),
+        ("method", cat["objectives"]),
     ):
-        block[key] = {**block[key], "items": {"type": "string", "enum": sorted(names)}}
+        block[key] = {**block[key], "items": {"type": "string", "enum": sorted(names) if key != "norm" else names}}
     block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
     s["$defs"]["sections"]["methods"]["properties"] = {
         name: _schema_of(defaults) for name, defaults in DEFAULTS["methods"].items()}
@@ -274,12 +275,13 @@ class Config:
 
 
 def _check_semantics(cfg: Config) -> None:
-    from rpat import objectives
+    from rpat.catalog import catalog
 
+    objectives = catalog()["objectives"]
     problems = []
     for i, block in enumerate(cfg.blocks()):
         for method in block["method"]:
-            if True in block["rpat"] and not objectives.OBJECTIVES[method].supports_rpat:
+            if True in block["rpat"] and not objectives[method]["supports_rpat"]:
                 problems.append(f"grid[{i}]: method {method!r} has no RPAT variant; use rpat: [false] for it "
                                 "or move it to a block of its own")
     owners: dict[Cell, int] = {}

@@ -18,15 +18,6 @@ TOL = 1e-6
 BUDGET = {"linf": (8 / 255, 2 / 255), "l2": (128 / 255, 15 / 255)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and spin under load); restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class SmallNet(nn.Module):
     """conv(3->4) - BN - ReLU - avgpool - linear(64 -> 3) on 3x8x8 inputs."""
 

@@ -1,6 +1,7 @@
 """Config loading, schema validation with helpful messages, grid expansion, resolution."""
 
 import copy
+import json
 
 import pytest
 import yaml
@@ -180,3 +181,18 @@ def test_paper_and_all_methods_configs_are_valid():
     for path in ("config/paper.yaml", "config/all_methods.yaml"):
         cfg = C.load(path)
         assert cfg.cells()
+
+
+def test_catalog_snapshot_matches_the_registries():
+    from rpat import catalog
+
+    assert catalog.catalog() == json.loads(json.dumps(catalog.build()))
+
+
+def test_planning_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, rpat.config as c; c.load('config/paper.yaml'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

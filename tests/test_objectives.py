@@ -22,88 +22,19 @@ import torch
 from torch import nn
 
 from rpat.objectives import OBJECTIVES, compute_loss, interpolate, rpat_term
+from handcalc import PowNet, Recorder, t, lab, val, h_logits, h_softmax, h_ce
 
 REL = 1e-6
 BASELINES = ["ce", "noise", "pgd_at", "trades", "mart", "consistency"]
 WITH_RPAT = ["noise", "pgd_at", "trades", "mart", "consistency"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and spin under load); restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------
 # Torch side: the models and a recording wrapper
 
 
-class PowNet(nn.Module):
-    """z(x) = W (flatten(x) ** power), a bias-free nn.Linear with weights set explicitly."""
-
-    def __init__(self, W, power: int = 1):
-        super().__init__()
-        self.power = power
-        self.flatten = nn.Flatten()
-        self.linear = nn.Linear(len(W[0]), len(W), bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.tensor(W, dtype=torch.float64))
-
-    def forward(self, x):
-        return self.linear(self.flatten(x) ** self.power)
-
-
-class Recorder(nn.Module):
-    """Counts forward calls and keeps a copy of each call's input."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.model(x)
-
-
-def t(rows):
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def lab(ys):
-    return torch.tensor(ys, dtype=torch.long)
-
-
-def val(tensor) -> float:
-    return float(tensor.detach())
-
-
 # ---------------------------------------------------------------------------------------------
 # Hand side: the formulas of REFERENCE.md sec. 1 on plain floats
-
-
-def h_logits(W, rows, power=1):
-    """z_c(x) = sum_j W[c][j] * x_j ** power."""
-    return [[sum(w * v**power for w, v in zip(w_c, row)) for w_c in W] for row in rows]
-
-
-def h_softmax(z, T=1.0):
-    m = max(z)
-    e = [math.exp((v - m) / T) for v in z]
-    s = sum(e)
-    return [v / s for v in e]
-
-
-def h_ce(Z, Y):
-    """Mean over the batch of -log softmax(z_i)[y_i] = logsumexp(z_i) - z_i[y_i]."""
-    out = 0.0
-    for z, y in zip(Z, Y):
-        m = max(z)
-        out += m + math.log(sum(math.exp(v - m) for v in z)) - z[y]
-    return out / len(Z)
 
 
 def h_kl_bm(P, Q):

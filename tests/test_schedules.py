@@ -19,14 +19,6 @@ PIECEWISE = {"name": "piecewise", "milestones": [100, 150], "factor": 1.5}
 N = 391  # CIFAR-10 train batches of 128 (50000 / 128, rounded up)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_known_names():
     assert set(SCHEDULES) == {"constant", "multistep", "cosine", "piecewise"}
 

@@ -108,3 +108,33 @@ def test_jobs_log_to_a_tracking_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+WRITER = """
+import sys
+from rpat.tracking import CellRun
+i, uri = int(sys.argv[1]), sys.argv[2]
+run = CellRun(uri, "concurrent", {"cell": f"c{i}", "seed": str(i)}, new=True)
+run.log_params({"i": i})
+for step in range(1, 31):
+    run.log_metrics({"loss": 1.0 / step, "acc": float(step)}, step=step)
+run.finish()
+print(run.run_id)
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_writers_on_a_pre_initialised_store(tmp_path):
+    """Eight jobs logging at once to one SQLite store created beforehand (as the workflow's onstart does)."""
+    uri = f"sqlite:///{tmp_path / 'c.db'}"
+    assert tracking.init_store(uri, "concurrent") is not None
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(i), uri], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(8)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert not any("MLflow" in o[1] for o in outs), [o[1][-500:] for o in outs]  # no logging failure at all
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
+    assert len(runs) == 8
+    for r in runs:
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == 30

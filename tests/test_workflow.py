@@ -129,3 +129,37 @@ def test_tiny_grid_end_to_end(tmp_path):
     again = snakemake("-n", "--configfile", str(cfg_path), cwd=tmp_path)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_killed_snakemake_run_resumes_training_instead_of_restarting(tmp_path):
+    """SIGTERM to a running `snakemake` (as a Slurm time limit or Ctrl-C would): the training job saves its
+    state; rerunning the same command resumes it and finishes the grid."""
+    import signal
+
+    cfg = {**TINY, "grid": [{**TINY["grid"][0], "rpat": [True]}],
+           "train": {**TINY["train"], "epochs": 6},
+           "eval": {**TINY["eval"], "autoattack": {"enabled": False}}}
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([*SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--cores", "1", "--configfile",
+                             str(cfg_path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    state = tmp_path / "results" / "runs" / "digits" / "cnn" / "linf" / "pgd_at+rpat" / "seed0" / "state" / "last.pt"
+    deadline = time.time() + 240
+    while not state.exists():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "training never saved a state"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, like a scheduler's kill
+    proc.wait(timeout=120)
+    log = tmp_path / "results" / "logs" / "train" / "digits" / "cnn" / "linf" / "pgd_at+rpat" / "seed0.log"
+    assert not (state.parent.parent / "train.json").exists()
+
+    again = snakemake("--cores", "1", "--rerun-incomplete", "--configfile", str(cfg_path), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming at epoch" in log.read_text()
+    train = json.loads((state.parent.parent / "train.json").read_text())
+    assert [h["epoch"] for h in train["history"]] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "results" / "tables" / "summary.csv").exists()

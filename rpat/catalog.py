@@ -1,0 +1,61 @@
+"""What the registries hold (names, method defaults), without importing torch when it can be avoided.
+
+Planning a grid (``snakemake -n``) validates the config against the registered datasets, models,
+norms and methods; importing the registries costs a torch import (~2 s). The catalog is snapshotted
+to a JSON file keyed by the library's source files (paths, sizes, mtimes), so it is rebuilt whenever
+the code changes and read without torch otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _source_key() -> str:
+    h = hashlib.sha256()
+    for p in sorted(PACKAGE.rglob("*.py")):
+        st = p.stat()
+        h.update(f"{p.relative_to(PACKAGE)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:20]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rpat"
+
+
+def build() -> dict:
+    """Import the registries and list them."""
+    from rpat import attacks, data, models, objectives
+
+    return {
+        "datasets": sorted(data.DATASETS),
+        "models": sorted(models.MODELS),
+        "norms": list(attacks.NORMS),
+        "bn_modes": list(attacks.BN_MODES),
+        "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat}
+                       for name, o in objectives.OBJECTIVES.items()},
+    }
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict:
+    path = _cache_dir() / f"catalog-{_source_key()}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    snap = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(snap))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: fine, just slower next time
+    return snap
