@@ -5,6 +5,7 @@
 # Every rule is one call of the `rpat` CLI; run `snakemake -n -p` to see the commands.
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

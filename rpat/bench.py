@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -137,12 +138,19 @@ def bench_train_steps(out: Callable[[dict], None], *, model_name: str, batch: in
     threat = {"eps": 8 / 255, "step": 2 / 255, "steps": steps, "norm": "linf"}
     result = {}
     for name in objectives_list:
+        step_fns = {}
         for rp in (False, True):
             model = _model(model_name, channels, size, device, channels_last)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sec = median_time(make_train_step(name, rp, model, x, y, threat, precision), repeats, 1, device)
-            result[(name, rp)] = sec
+            step_fns[rp] = make_train_step(name, rp, model, x, y, threat, precision)
+            step_fns[rp]()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = {False: [], True: []}
+        for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
+            for rp in (False, True):
+                times[rp].append(median_time(step_fns[rp], 1, 0, device))
+        for rp in (False, True):
+            sec = result[(name, rp)] = statistics.median(times[rp])
             line = {"name": "train_step", "value": sec, "unit": "s/step", "objective": name, "rpat": rp,
                     "model": model_name, "batch": batch, "image_size": size, "attack_steps": steps,
                     "device": str(device), "precision": precision, "channels_last": channels_last}
@@ -259,7 +267,8 @@ def bench_jobs(out, *, demo: bool, quick: bool = False) -> None:
                              text=True)
         plan = time.perf_counter() - t0
         if res.returncode == 0:
-            out({"name": "plan_paper_grid", "value": plan, "unit": "s", "jobs": 70})
+            jobs = re.search(r"^total\s+(\d+)$", res.stdout, re.M)
+            out({"name": "plan_paper_grid", "value": plan, "unit": "s", "jobs": int(jobs[1]) if jobs else None})
         cfg = ROOT / "config" / "config.yaml"
         if quick:  # the demo's cell, shrunk to one epoch and 50 AutoAttack examples
             cfg = tmp / "quick.yaml"
@@ -290,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true", help="also time the whole demo grid")
     p.add_argument("--reference", action="store_true",
                    help="also compare with the published code's step (resnet18_bottleneck, batch 16, PGD-10)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated sections to run: train,data,eval,reference,jobs (default: all that apply)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
@@ -308,22 +319,28 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(line), flush=True)
 
     if args.quick:
-        cfg = dict(model_name="cnn", batch=32, size=16, channels=3, steps=10, repeats=3)
+        cfg = dict(model_name="cnn", batch=32, size=16, channels=3, steps=10, repeats=5)
     elif device.type == "cuda":
         cfg = dict(model_name="preact_resnet18", batch=128, size=32, channels=3, steps=10, repeats=10)
     else:  # CPU: a CIFAR-shaped batch through the small CNN (the reference comparison uses its own network)
         cfg = dict(model_name="cnn", batch=64, size=32, channels=3, steps=10, repeats=5)
-    names = list(objectives.OBJECTIVES) if not args.quick else ["pgd_at", "trades", "mart", "consistency", "rebat"]
-    names = [n for n in names if objectives.OBJECTIVES[n].supports_rpat]
-    steps = bench_train_steps(out, device=device, objectives_list=names, precision=args.precision,
-                              channels_last=args.channels_last, **cfg)
-    step_rate = cfg["batch"] / steps[("pgd_at", True)]
-    bench_data(out, device=device, batch=cfg["batch"], step_rate=step_rate, repeats=3)
-    bench_eval(out, device=device, n=32 if args.quick else 200, repeats=3 if args.quick else 5)
-    if args.reference:
+    sections = set(args.only.split(",")) if args.only else {"train", "data", "eval", "jobs"} | (
+        {"reference"} if args.reference else set())
+    step_rate = None
+    if "train" in sections:
+        names = [n for n, o in objectives.OBJECTIVES.items() if o.supports_rpat and (not args.quick or n != "noise")]
+        steps = bench_train_steps(out, device=device, objectives_list=names, precision=args.precision,
+                                  channels_last=args.channels_last, **cfg)
+        step_rate = cfg["batch"] / steps[("pgd_at", True)]
+    if "data" in sections:
+        bench_data(out, device=device, batch=cfg["batch"], step_rate=step_rate, repeats=3)
+    if "eval" in sections:
+        bench_eval(out, device=device, n=32 if args.quick else 100, repeats=3)
+    if "reference" in sections:
         bench_reference(out, model_name="resnet18_bottleneck", batch=16, size=32, steps=10,
                         repeats=3 if device.type == "cpu" else 10, device=device)
-    bench_jobs(out, demo=args.demo, quick=args.quick)
+    if "jobs" in sections or args.demo:
+        bench_jobs(out, demo=args.demo, quick=args.quick)
     if not args.json:
         print(f"\n{'name':<30} {'value':>12} {'unit':<8} settings", file=sys.stderr)
         for r in rows:

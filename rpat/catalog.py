@@ -35,6 +35,7 @@ def build() -> dict:
 
     return {
         "datasets": sorted(data.DATASETS),
+        "datasets_on_disk": sorted(n for n, d in data.DATASETS.items() if d.on_disk),
         "models": sorted(models.MODELS),
         "norms": list(attacks.NORMS),
         "bn_modes": list(attacks.BN_MODES),

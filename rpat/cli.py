@@ -65,6 +65,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_prepare_data(args) -> int:
+    from rpat import data, runtime
+
+    cfg, _ = _load(args)
+    cells = [c for c in cfg.cells() if c.dataset == args.dataset]
+    if not cells:
+        raise KeyError(f"no cell of {cfg.source} uses dataset {args.dataset!r}")
+    summary = data.prepare(args.dataset, cfg.resolve(cells[0])["data"])
+    print(json.dumps(summary))
+    if args.out:
+        runtime.write_json(args.out, summary)
+    return 0
+
+
 def cmd_init_tracking(args) -> int:
     from rpat import tracking
 
@@ -144,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     r = job("report", cmd_report, "tables and plots from eval.json files", cell=False)
     r.add_argument("--inputs", nargs="*", help="eval.json files (default: those of the config's grid)")
     r.add_argument("--out", help="output directory (default <results_dir>)")
+    d = job("prepare-data", cmd_prepare_data, "download / lay out / cache a dataset once", cell=False)
+    d.add_argument("--dataset", required=True)
+    d.add_argument("--out", help="write a summary JSON here (the workflow's marker)")
     job("init-tracking", cmd_init_tracking, "create the MLflow store and experiment once", cell=False)
     job("sync-tracking", cmd_sync_tracking, "add to MLflow whatever the JSON results hold and it lacks", cell=False)
     sub.add_parser("bench", help="speed and memory benchmarks (rpat bench --help)")

@@ -64,18 +64,21 @@ class DatasetSpec:
     description: str
     num_classes: int | None  # None: read from the data (imagefolder)
     image_size: int | None
+    # Files on disk (downloaded, laid out, decoded into a cache) that one job should prepare before
+    # many jobs read them; False for data bundled with a package.
+    on_disk: bool = True
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register(name: str, description: str, num_classes: int | None, image_size: int | None):
+def register(name: str, description: str, num_classes: int | None, image_size: int | None, on_disk: bool = True):
     """Register ``load(options) -> Loaded``; ``options`` is the run's ``data`` config section."""
 
     def deco(fn):
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = DatasetSpec(name, fn, description, num_classes, image_size)
+        DATASETS[name] = DatasetSpec(name, fn, description, num_classes, image_size, on_disk)
         return fn
 
     return deco
@@ -112,7 +115,8 @@ DIGITS_TEST_SIZE = 400
 DIGITS_SPLIT_SEED = 0  # the test split is part of the dataset's definition, not of a run
 
 
-@register("digits", "scikit-learn's bundled 8x8 grey digits, 10 classes; 400 held-out test images", 10, 8)
+@register("digits", "scikit-learn's bundled 8x8 grey digits, 10 classes; 400 held-out test images", 10, 8,
+          on_disk=False)
 def load_digits(options: dict) -> Loaded:
     from sklearn.datasets import load_digits as sk_digits
 
@@ -545,6 +549,16 @@ class Splits:
     std: Sequence[float]
     channels: int
     image_size: int
+
+
+def prepare(name: str, options: dict) -> dict:
+    """Download (if ``data.download``), lay out and decode-cache dataset ``name`` once, so the jobs that
+    follow only read it. Returns a summary (sizes, classes)."""
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
+    loaded = DATASETS[name].load(options)
+    return {"dataset": name, "train": len(loaded.train[1]), "test": len(loaded.test[1]),
+            "num_classes": loaded.num_classes, "image_size": loaded.image_size}
 
 
 def load_splits(name: str, options: dict) -> Splits:

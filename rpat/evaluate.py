@@ -29,7 +29,10 @@ def _count_correct(model, x, y) -> torch.Tensor:
 
 
 def accuracies(model, batches, threat: dict, steps: int, loss: str = "ce", with_clean: bool = True) -> dict:
-    """Clean and PGD accuracy (%) over ``batches``, model in eval mode; one host sync at the end."""
+    """Clean and PGD accuracy (%) over ``batches``, model in eval mode; one host sync at the end.
+
+    The PGD is the reference's evaluation adversary (advertorch: uniform random start, box clip before the
+    L2 rescale)."""
     was_training = model.training
     model.eval()
     clean = torch.zeros((), dtype=torch.long, device=batches.y.device)
@@ -38,7 +41,7 @@ def accuracies(model, batches, threat: dict, steps: int, loss: str = "ce", with_
         if with_clean:
             clean += _count_correct(model, x, y)
         x_adv = attacks.pgd(model, x, y, eps=threat["eps"], step=threat["step"], steps=steps, norm=threat["norm"],
-                            loss=loss, init="uniform", bn="eval") if steps > 0 else x
+                            loss=loss, init="uniform", bn="eval", box_first=True) if steps > 0 else x
         robust += _count_correct(model, x_adv, y)
     model.train(was_training)
     n = len(batches.y)

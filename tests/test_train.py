@@ -216,3 +216,26 @@ def test_channels_last_gives_the_same_float32_losses(method):
     lb.backward()
     for p, q in zip(net.parameters(), fast.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_prepare_data_cli_on_an_image_folder(tmp_path):
+    """The workflow's prepare_data job: decode (and cache) an on-disk data set once, write its summary."""
+    from PIL import Image
+
+    for split, n in (("train", 6), ("test", 2)):
+        for c in ("cat", "dog"):
+            d = tmp_path / "folder" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (40 * i, 100 if c == "cat" else 200, 7)).save(d / f"{i}.png")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"experiment": "x", "grid": [{"dataset": ["imagefolder"], "model": ["cnn"],
+                                                            "norm": ["linf"], "method": ["pgd_at"], "rpat": [False],
+                                                            "seed": [0]}],
+                               "data": {"paths": {"imagefolder": str(tmp_path / "folder")}, "val_size": 2}}))
+    out = subprocess.run([sys.executable, "-m", "rpat", "prepare-data", "--config", str(cfg), "--dataset",
+                          "imagefolder", "--out", str(tmp_path / "ready.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "ready.json").read_text())
+    assert summary == {"dataset": "imagefolder", "train": 12, "test": 4, "num_classes": 2, "image_size": 8}
+    assert list((tmp_path / "folder" / ".rpat-cache").glob("*.pt"))

@@ -4,6 +4,7 @@ import shlex
 import sys
 
 from rpat import config as rpat_config
+from rpat.catalog import catalog
 from rpat.tracking import init_store, tracking_uri
 
 # The default config applies only when no --configfile is given, so a second config replaces the
@@ -28,6 +29,7 @@ CELL_DIR = f"{RUNS}/{{dataset}}/{{model}}/{{norm}}/{{method}}/seed{{seed}}"
 CELLS = CFG.cells()
 RPAT = f"{shlex.quote(sys.executable)} -m rpat"
 CONFIG_ARG = " ".join(shlex.quote(p) for p in CONFIG_FILES)
+DATASETS_ON_DISK = set(catalog()["datasets_on_disk"])
 
 wildcard_constraints:
     dataset="[^/]+",
@@ -58,6 +60,18 @@ def eval_fingerprint(wildcards):
 
 def cell_resources(wildcards):
     return rpat_config.resources_for(CFG.resolve(cell_of(wildcards)))
+
+
+def data_options_of(wildcards):
+    cells = [c for c in CELLS if c.dataset == wildcards.dataset]
+    return rpat_config.fingerprint(CFG.resolve(cells[0])["data"])
+
+
+def prepared_data(wildcards):
+    """The prepare_data marker, for data sets on disk (none for bundled ones)."""
+    if wildcards.dataset in DATASETS_ON_DISK:
+        return [f"{RESULTS}/data/{wildcards.dataset}.json"]
+    return []
 
 
 def threads_of(wildcards):

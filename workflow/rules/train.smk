@@ -1,4 +1,6 @@
 rule train:
+    input:
+        prepared_data,
     output:
         record=f"{CELL_DIR}/train.json",
         best=f"{CELL_DIR}/checkpoint-best.pt",
