@@ -261,14 +261,17 @@ eval: {n_examples: 50}
 def bench_jobs(out, *, demo: bool, quick: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "Snakefile"),
-                              "--configfile", str(ROOT / "config" / "paper.yaml")], cwd=tmp, capture_output=True,
-                             text=True)
-        plan = time.perf_counter() - t0
+        plans = []
+        for _ in range(2):  # the first run may rebuild the registry catalog after a code change
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "Snakefile"),
+                                  "--configfile", str(ROOT / "config" / "paper.yaml")], cwd=tmp, capture_output=True,
+                                 text=True)
+            plans.append(time.perf_counter() - t0)
         if res.returncode == 0:
             jobs = re.search(r"^total\s+(\d+)$", res.stdout, re.M)
-            out({"name": "plan_paper_grid", "value": plan, "unit": "s", "jobs": int(jobs[1]) if jobs else None})
+            out({"name": "plan_paper_grid", "value": plans[1], "unit": "s", "first_run_s": plans[0],
+                 "jobs": int(jobs[1]) if jobs else None})
         cfg = ROOT / "config" / "config.yaml"
         if quick:  # the demo's cell, shrunk to one epoch and 50 AutoAttack examples
             cfg = tmp / "quick.yaml"
