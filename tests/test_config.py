@@ -194,5 +194,6 @@ def test_planning_does_not_import_torch():
     import sys
 
     code = "import sys, rpat.config as c; c.load('config/paper.yaml'); print('torch' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # builds the catalog
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
