@@ -211,7 +211,7 @@ def test_channels_last_gives_the_same_float32_losses(method):
     lb, pb = objectives.compute_loss(obj, fast, x, y, x_adv, rpat=rp)
     assert pa.keys() == pb.keys()
     for k in pa:
-        assert float(pb[k]) == pytest.approx(float(pa[k]), rel=1e-5, abs=1e-6), k
+        assert float(pb[k].detach()) == pytest.approx(float(pa[k].detach()), rel=1e-5, abs=1e-6), k
     la.backward()
     lb.backward()
     for p, q in zip(net.parameters(), fast.parameters()):
