@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from rpat import attacks, data, models, objectives
 from rpat.averaging import WeightAverage
+from rpat.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,21 +75,12 @@ def make_train_step(objective_name: str, rpat: bool, model, x, y, threat: dict, 
         x, y = torch.cat([x, x.flip(0)]), y.repeat(2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     rp = {"weight": 1.0, "clean_weight": 0.5} if rpat else None
-    amp = (torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16"
-           else torch.autocast(x.device.type, enabled=False))
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
 
     def step():
         model.train()
-        with amp:
-            x_adv = obj.attack(model, x, y, threat, hp)
-            loss, _ = objectives.compute_loss(obj, model, x, y, x_adv, hp, rp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if teacher is not None:
-            with torch.no_grad():
-                model(x)
-            teacher.update(model, hp["decay"])
+        train_step(obj, model, opt, x, y, threat, hp, rp, amp=amp, teacher=teacher,
+                   decay=obj.defaults.get("decay", 0.0))
 
     return step
 

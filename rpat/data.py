@@ -599,6 +599,12 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int | None = None) -> torch.Tensor:
     """RandomCrop(size, padding=4, zero fill) + RandomHorizontalFlip(0.5), per image, batched.
 
@@ -609,9 +615,10 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     pad = padding if padding is not None else (4 if h >= 16 else max(1, h // 8))
     dev = x.device
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(dev)
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(dev)
-    flip = (torch.rand(n, generator=generator, device="cpu") < 0.5).to(dev)
+    # Drawn on the CPU generator (same augmentations on every device), copied without a host sync.
+    ox = _to_device(torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu"), dev)
+    oy = _to_device(torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu"), dev)
+    flip = _to_device(torch.rand(n, generator=generator, device="cpu") < 0.5, dev)
     rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])  # n,h
     cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])  # n,w
     cols = torch.where(flip[:, None], cols.flip(1), cols)

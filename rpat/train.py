@@ -91,6 +91,25 @@ def _progress(iterable, total: int, desc: str):
         return iterable
 
 
+def train_step(objective, model, opt, x, y, threat: dict, hp: dict, rpat: dict | None, *, amp=None,
+               teacher: WeightAverage | None = None, decay: float = 0.0):
+    """One optimisation step: attack, loss (+ RPAT), backward, SGD; for ReBAT / RPAT++ also the reference's
+    clean train-mode forward (BatchNorm statistics see clean data) and the weight-average update."""
+    amp = amp if amp is not None else contextlib.nullcontext()
+    with amp:
+        x_adv = objective.attack(model, x, y, threat, hp)
+        loss, parts = objectives.compute_loss(objective, model, x, y, x_adv, hp, rpat)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if teacher is not None:
+        if hp["clean_bn_forward"]:
+            with torch.no_grad(), amp:
+                model(x)
+        teacher.update(model, decay)
+    return loss, parts
+
+
 def epoch_settings(threat: dict, hp: dict, epoch: int, teacher) -> tuple[dict, dict, float]:
     """The epoch's attack settings, hyperparameters and weight-averaging decay.
 
@@ -180,6 +199,7 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
 
     t0 = time.time()
     n_batches = len(train_batches)
+    step_ids = torch.arange(n_batches, device=device)  # indexed per step: no host-to-device copy in the loop
     with StopSignals() as stop:
         for epoch in range(start_epoch, tcfg["epochs"] + 1):
             t_epoch = time.time()
@@ -198,21 +218,11 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
                 lr = schedules.lr_at(tcfg["schedule"], tcfg["lr"], epoch, (step + 1) / n_batches, tcfg["epochs"])
                 for group in opt.param_groups:
                     group["lr"] = lr
-                with amp:
-                    x_adv = objective.attack(fmodel, x, y, threat_e, hp_e)
-                    loss, parts = objectives.compute_loss(objective, fmodel, x, y, x_adv, hp_e, use_rpat)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if teacher is not None:
-                    if hp["clean_bn_forward"]:
-                        with torch.no_grad(), amp:  # the reference's logging forward: BN stats see clean data
-                            fmodel(x)
-                    teacher.update(model, decay)
+                loss, parts = train_step(objective, fmodel, opt, x, y, threat_e, hp_e, use_rpat, amp=amp,
+                                         teacher=teacher, decay=decay)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                       torch.tensor(step, device=device), bad_step)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_ids[step], bad_step)
                 if stop.received is not None and step + 1 < n_batches:
                     save_state(epoch - 1, {"order": order, "step": step + 1, "sums": sums, "bad_step": bad_step,
                                            "seconds": time.time() - t_epoch})
