@@ -109,11 +109,8 @@ def info() -> dict:
         model_rows.append({"name": name, "description": spec.description,
                            "params_10_classes": models.param_count(net),
                            "image_sizes": list(spec.image_sizes) if spec.image_sizes else "any"})
-    datasets = data.dataset_info() if hasattr(data, "dataset_info") else [
-        {"name": s.name, "description": s.description, "num_classes": s.num_classes, "image_size": s.image_size}
-        for s in data.DATASETS.values()]
     return {
-        "datasets": datasets,
+        "datasets": data.dataset_info(),
         "models": model_rows,
         "objectives": objectives.objective_info(),
         "attacks": {"norms": list(attacks.NORMS), "inner_losses": sorted(attacks.INNER_LOSSES),

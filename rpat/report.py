@@ -140,7 +140,7 @@ def markdown(rows: list[dict], title: str) -> str:
 
 def latex(rows: list[dict], title: str) -> str:
     def esc(s: str) -> str:
-        return str(s).replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("+", "+")
+        return str(s).replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
 
     out = [f"% {title}"]
     groups: dict[tuple, list[dict]] = {}
