@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
+from rpat.errors import UserError
 from rpat.runtime import atomic_write
 
 FORMAT = "rpat-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

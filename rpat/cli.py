@@ -67,11 +67,12 @@ def cmd_report(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     from rpat import data, runtime
+    from rpat.errors import UnknownName
 
     cfg, _ = _load(args)
     cells = [c for c in cfg.cells() if c.dataset == args.dataset]
     if not cells:
-        raise KeyError(f"no cell of {cfg.source} uses dataset {args.dataset!r}")
+        raise UnknownName(f"no cell of {cfg.source} uses dataset {args.dataset!r}")
     summary = data.prepare(args.dataset, cfg.resolve(cells[0])["data"])
     print(json.dumps(summary))
     if args.out:
@@ -171,14 +172,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = p.parse_args(argv)
-    from rpat.checkpoint import CheckpointError
-    from rpat.config import ConfigError
+    from rpat.errors import UserError
 
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"rpat {args.command}: error: {msg}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as e:  # anything else is a bug: keep its traceback
+        print(f"rpat {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

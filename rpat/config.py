@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import yaml
+
+from rpat.errors import UserError
 
 SECTIONS = ("data", "threat", "train", "methods", "rpat", "eval", "resources")
 
@@ -100,7 +102,7 @@ def _schema_of(value: Any, key: str = "") -> dict:
     return {"type": "string"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, with the key that is wrong and what would be right."""
 
 
@@ -227,6 +229,14 @@ class Cell:
         return cls(m[1], m[2], m[3], m[4], m[5] is not None, int(m[6]))
 
 
+GRID_KEYS = ("dataset", "model", "norm", "method", "rpat", "seed")  # Cell's fields, in order
+
+
+def block_cells(block: dict) -> Iterator[Cell]:
+    """The cells of one grid block: the product of its coordinate lists."""
+    return (Cell(*combo) for combo in itertools.product(*(block[k] for k in GRID_KEYS)))
+
+
 @dataclass
 class Config:
     raw: dict
@@ -249,18 +259,11 @@ class Config:
 
     def cells(self) -> list[Cell]:
         """Every cell of every block, in grid order, without duplicates."""
-        seen: dict[Cell, None] = {}
-        for block in self.blocks():
-            for combo in itertools.product(
-                block["dataset"], block["model"], block["norm"], block["method"], block["rpat"], block["seed"]
-            ):
-                seen.setdefault(Cell(*combo), None)
-        return list(seen)
+        return list(dict.fromkeys(cell for block in self.blocks() for cell in block_cells(block)))
 
     def block_of(self, cell: Cell) -> dict:
         for block in self.blocks():
-            if (cell.dataset in block["dataset"] and cell.model in block["model"] and cell.norm in block["norm"]
-                    and cell.method in block["method"] and cell.rpat in block["rpat"] and cell.seed in block["seed"]):
+            if cell in block_cells(block):
                 return block
         raise ConfigError(f"cell {cell.id} is not in the grid of {self.source}")
 
@@ -286,9 +289,7 @@ def _check_semantics(cfg: Config) -> None:
                                 "or move it to a block of its own")
     owners: dict[Cell, int] = {}
     for i, block in enumerate(cfg.blocks()):
-        for combo in itertools.product(block["dataset"], block["model"], block["norm"], block["method"],
-                                       block["rpat"], block["seed"]):
-            cell = Cell(*combo)
+        for cell in block_cells(block):
             if cell in owners and cfg.blocks()[owners[cell]].get("set", {}) != block.get("set", {}):
                 problems.append(f"cell {cell.id} is in grid[{owners[cell]}] and grid[{i}] with different `set`; "
                                 "a cell must have one configuration")

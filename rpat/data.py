@@ -38,6 +38,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from rpat.errors import DataProblem, UnknownName
+
 
 @dataclass
 class Loaded:
@@ -356,7 +358,7 @@ def _load_cifar(options: dict, name: str, tv_class: str, base_folder: str, num_c
         try:
             sets = [cls(str(root), train=train, download=download) for train in (True, False)]
         except RuntimeError as e:
-            raise RuntimeError(
+            raise DataProblem(
                 f"{name}: {tv_dir} is incomplete or corrupted ({e}). Delete it and set data.download: true "
                 f"on a machine with internet, or copy a complete {base_folder}/ there."
             ) from e
@@ -555,7 +557,7 @@ def prepare(name: str, options: dict) -> dict:
     """Download (if ``data.download``), lay out and decode-cache dataset ``name`` once, so the jobs that
     follow only read it. Returns a summary (sizes, classes)."""
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
+        raise UnknownName(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
     loaded = DATASETS[name].load(options)
     return {"dataset": name, "train": len(loaded.train[1]), "test": len(loaded.test[1]),
             "num_classes": loaded.num_classes, "image_size": loaded.image_size}
@@ -564,7 +566,7 @@ def prepare(name: str, options: dict) -> dict:
 def load_splits(name: str, options: dict) -> Splits:
     """Load ``name`` and hold out ``options['val_size']`` training images (seed ``split_seed``)."""
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
+        raise UnknownName(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
     data = DATASETS[name].load(options)
     x, y = data.train
     val_size = int(options.get("val_size", 1000))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from rpat import runtime
-from rpat.config import Cell, Config
+from rpat.config import Config, block_cells
 
 METRICS = ["clean", "aa", "mean", "nrr", "pgd20", "cw"]
 HEADERS = {"clean": "Clean", "aa": "AA", "mean": "Mean", "nrr": "NRR", "pgd20": "PGD-20", "cw": "CW"}
@@ -223,16 +223,10 @@ def write_report(cfg: Config, eval_files: list[str] | None = None, out_dir: str 
     named = [b for b in cfg.blocks() if b.get("name")]
     if len(named) > 1:
         for block in named:
-            ids = {Cell(*c).id for c in _block_cells(block)}
+            ids = {c.id for c in block_cells(block)}
             written += write_tables(df[df.cell.isin(ids)], out, block["name"], f"{cfg.experiment}: {block['name']}",
                                     paper)
     plot = out / "plots" / "tradeoff.png"
     tradeoff_plot(aggregate(df), plot, cfg.experiment)
     return written + [plot, plot.with_suffix(".pdf")]
 
-
-def _block_cells(block: dict):
-    import itertools
-
-    return itertools.product(block["dataset"], block["model"], block["norm"], block["method"], block["rpat"],
-                             block["seed"])

@@ -11,13 +11,15 @@ from typing import Any
 
 import torch
 
+from rpat.errors import DeviceUnavailable
+
 
 def select_device(requested: str = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error, raised before any work."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible to this process; "
+        raise DeviceUnavailable("train.device is 'cuda' but no CUDA GPU is visible to this process; "
                            "set train.device: auto (or cpu), or run the job on a GPU node")
     return torch.device(requested)
 

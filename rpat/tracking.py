@@ -146,8 +146,6 @@ class CellRun:
         self._guard("param logging", log)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)

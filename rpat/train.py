@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -29,12 +30,13 @@ import torch
 
 from rpat import checkpoint, data, evaluate, models, objectives, runtime, schedules
 from rpat.averaging import WeightAverage
+from rpat.errors import UserError
 from rpat.config import Config, fingerprint, train_settings
 from rpat.tracking import CellRun
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UserError, RuntimeError):
+    """The loss became NaN or infinite; the last good state is kept."""
 
 
 class Preempted(RuntimeError):
@@ -257,8 +259,7 @@ def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = 
     final = teacher.module if teacher is not None else model
     checkpoint.save({"model": final.state_dict(), "epoch": tcfg["epochs"], "fingerprint": fp, **meta},
                     out_dir / "checkpoint-last.pt")
-    best_state = checkpoint.load(state_dir / "best.pt")
-    checkpoint.save({k: v for k, v in best_state.items() if k != "format"}, out_dir / "checkpoint-best.pt")
+    runtime.atomic_write(out_dir / "checkpoint-best.pt", lambda tmp: shutil.copyfile(state_dir / "best.pt", tmp))
     result = {
         "cell": cell.id,
         **cell.tags(),

@@ -17,22 +17,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slurm
 
-TINY = {
-    "experiment": "tiny-slurm",
-    "grid": [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["pgd_at"],
-              "rpat": [False, True], "seed": [0]}],
-    "data": {"val_size": 100, "augment": "none", "batch_size": 128, "train_subset": 256},
-    "threat": {"linf": {"eps": 0.3, "step": 0.1, "steps": 3}},
-    "train": {"epochs": 1, "lr": 0.05, "schedule": {"name": "constant"}, "val_attack_steps": 2},
-    "eval": {"n_examples": 16, "pgd_steps": 3, "cw_steps": 3},
+TINY = tiny_config(
+    experiment="tiny-slurm",
+    data={"train_subset": 256},
+    train={"epochs": 1, "val_attack_steps": 2},
+    eval={"n_examples": 16, "pgd_steps": 3, "cw_steps": 3},
     # Every job asks for a GPU, so the submissions must carry a GPU request the cluster can satisfy.
-    "resources": {"default": {"gpu": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10}},
-}
+    resources={"default": {"gpu": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10}},
+)
 CELLS = ["digits/cnn/linf/pgd_at/seed0", "digits/cnn/linf/pgd_at+rpat/seed0"]
 
 

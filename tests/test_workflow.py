@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -73,17 +74,6 @@ def test_command_line_config_overrides_are_refused(tmp_path):
                     cwd=tmp_path)
     assert out.returncode != 0
     assert "--config overrides" in out.stdout + out.stderr
-
-
-TINY = {
-    "experiment": "tiny-e2e",
-    "grid": [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["pgd_at"],
-              "rpat": [False, True], "seed": [0]}],
-    "data": {"val_size": 100, "augment": "none", "batch_size": 128, "train_subset": 512},
-    "threat": {"linf": {"eps": 0.3, "step": 0.1, "steps": 3}},
-    "train": {"epochs": 2, "lr": 0.05, "schedule": {"name": "constant"}, "val_attack_steps": 3},
-    "eval": {"n_examples": 24, "pgd_steps": 5, "cw_steps": 5},
-}
 
 
 @pytest.mark.slow

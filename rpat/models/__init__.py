@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from rpat.errors import UnknownName
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -63,7 +65,7 @@ def build(
 ) -> Normalized:
     """Build a registered model, normalising inputs by ``mean``/``std`` (identity if omitted)."""
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}")
+        raise UnknownName(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}")
     spec = MODELS[name]
     if spec.image_sizes is not None and image_size not in spec.image_sizes:
         raise ValueError(

@@ -1,4 +1,5 @@
 # Config loading and validation, grid -> cells, paths. Helpers only: no rules in this file.
+import functools
 import os
 import shlex
 import sys
@@ -39,6 +40,12 @@ wildcard_constraints:
     seed="[0-9]+",
 
 
+@functools.cache
+def resolved_cell(cell):
+    """A cell's resolved settings, computed once per cell (every rule asks for several parts of them)."""
+    return CFG.resolve(cell)
+
+
 def cell_of(wildcards):
     return rpat_config.Cell.parse(
         f"{wildcards.dataset}/{wildcards.model}/{wildcards.norm}/{wildcards.method}/seed{wildcards.seed}"
@@ -50,21 +57,21 @@ def cell_paths(filename):
 
 
 def train_fingerprint(wildcards):
-    return rpat_config.fingerprint(rpat_config.train_settings(CFG.resolve(cell_of(wildcards))))
+    return rpat_config.fingerprint(rpat_config.train_settings(resolved_cell(cell_of(wildcards))))
 
 
 def eval_fingerprint(wildcards):
-    resolved = CFG.resolve(cell_of(wildcards))
+    resolved = resolved_cell(cell_of(wildcards))
     return rpat_config.fingerprint({"eval": resolved["eval"], "train": train_fingerprint(wildcards)})
 
 
 def cell_resources(wildcards):
-    return rpat_config.resources_for(CFG.resolve(cell_of(wildcards)))
+    return rpat_config.resources_for(resolved_cell(cell_of(wildcards)))
 
 
 def data_options_of(wildcards):
     cells = [c for c in CELLS if c.dataset == wildcards.dataset]
-    return rpat_config.fingerprint(CFG.resolve(cells[0])["data"])
+    return rpat_config.fingerprint(resolved_cell(cells[0])["data"])
 
 
 def prepared_data(wildcards):
