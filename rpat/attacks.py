@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NORMS = ("linf", "l2")
+NORM_DISPLAY = {"linf": "Linf", "l2": "L2"}  # the paper's names
 INITS = ("uniform", "normal", "ball", "none")
 BN_MODES = ("eval", "train", "keep")
 

@@ -1,4 +1,4 @@
-"""Weight averaging (EMA) of a model, as ReBAT keeps it (REFERENCE.md 1.11 step 8).
+"""Weight averaging (EMA) of a model, as ReBAT keeps it (docs/faithfulness.md "Weight averaging").
 
 theta_WA <- d theta_WA + (1 - d) theta for every parameter, and the same for BatchNorm running
 mean/var; num_batches_tracked is copied. With d = 0 the average is an exact copy of the model.

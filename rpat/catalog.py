@@ -30,17 +30,27 @@ def _cache_dir() -> Path:
 
 
 def build() -> dict:
-    """Import the registries and list them."""
-    from rpat import attacks, data, models, objectives
+    """Import the registries and list them (names, defaults, display names, measurements)."""
+    from rpat import attacks, data, evaluate, models, objectives, schedules
 
+    metric = lambda m: {"key": m.key, "header": m.header, "description": m.description, "paper": m.paper}  # noqa: E731
     return {
         "datasets": sorted(data.DATASETS),
         "datasets_on_disk": sorted(n for n, d in data.DATASETS.items() if d.on_disk),
         "models": sorted(models.MODELS),
         "norms": list(attacks.NORMS),
         "bn_modes": list(attacks.BN_MODES),
-        "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat}
-                       for name, o in objectives.OBJECTIVES.items()},
+        "augmentations": sorted(data.AUGMENTATIONS),
+        "schedules": list(schedules.SCHEDULES),
+        "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat, "display": o.label(False),
+                              "rpat_display": o.label(True)} for name, o in objectives.OBJECTIVES.items()},
+        "measurements": [metric(m) for m in evaluate.MEASUREMENTS.values()],
+        "derived": [metric(d) for d in evaluate.DERIVED.values()],
+        "display": {
+            "dataset": {n: d.display for n, d in data.DATASETS.items()},
+            "model": {n: m.display for n, m in models.MODELS.items()},
+            "norm": dict(attacks.NORM_DISPLAY),
+        },
     }
 
 

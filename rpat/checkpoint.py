@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rpat.errors import UserError
-from rpat.runtime import atomic_write
+from rpat.files import atomic_write
 
 FORMAT = "rpat-checkpoint-v1"
 

@@ -1,4 +1,6 @@
-"""``rpat train | evaluate | report | info | init-tracking``: every pipeline job, runnable by hand.
+"""``rpat train | evaluate | report | prepare-data | sync-tracking | info | bench``: every pipeline job,
+runnable by hand. The workflow's rules call these with explicit input and output paths; by hand the
+paths default to the cell's directory, ``<results_dir>/runs/<cell>``.
 
 Examples::
 
@@ -20,38 +22,26 @@ def _load(args):
     from rpat import config
 
     cfg = config.load(args.config)
-    cell = None
-    if getattr(args, "cell", None):
-        cell = config.Cell.parse(args.cell)
-        if cell not in cfg.cells():
-            raise config.ConfigError(f"cell {cell.id} is not in the grid of {cfg.source}; "
-                                     f"cells: {', '.join(c.id for c in cfg.cells()[:8])}"
-                                     f"{' ...' if len(cfg.cells()) > 8 else ''}")
+    cell = cfg.cell(args.cell) if getattr(args, "cell", None) else None
     return cfg, cell
 
 
-def _run_dir(cfg, cell, given):
-    return Path(given) if given else Path(cfg.results_dir) / "runs" / cell.id
-
-
 def cmd_train(args) -> int:
-    from rpat.train import Preempted, train_cell
+    from rpat.train import train
 
     cfg, cell = _load(args)
-    try:
-        train_cell(cfg, cell, _run_dir(cfg, cell, args.out), threads=args.threads)
-    except Preempted as e:
-        print(f"rpat train: {e}", file=sys.stderr)
-        return Preempted.exit_code
+    train(cfg.settings(cell), args.out or cfg.run_dir(cell), tracking=cfg.tracking, threads=args.threads)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from rpat.evaluate import evaluate_cell
+    from rpat.evaluate import evaluate
 
     cfg, cell = _load(args)
-    res = evaluate_cell(cfg, cell, _run_dir(cfg, cell, args.out), threads=args.threads)
-    print(json.dumps({k: res[k] for k in ("cell", "clean", "pgd20", "cw", "aa", "mean", "nrr")}))
+    run_dir = cfg.run_dir(cell)
+    res = evaluate(cfg.settings(cell), args.record or run_dir / "train.json", args.out or run_dir / "eval.json",
+                   tracking=cfg.tracking, checkpoint_path=args.checkpoint, threads=args.threads)
+    print(json.dumps({"cell": res["cell"], **res["mlflow_metrics"]}))
     return 0
 
 
@@ -59,35 +49,23 @@ def cmd_report(args) -> int:
     from rpat.report import write_report
 
     cfg, _ = _load(args)
-    paths = write_report(cfg, eval_files=args.inputs or None, out_dir=args.out)
-    for p in paths:
+    for p in write_report(cfg, eval_files=args.inputs or None, out_dir=args.out):
         print(p)
     return 0
 
 
 def cmd_prepare_data(args) -> int:
-    from rpat import data, runtime
+    from rpat import data, files
     from rpat.errors import UnknownName
 
     cfg, _ = _load(args)
     cells = [c for c in cfg.cells() if c.dataset == args.dataset]
     if not cells:
         raise UnknownName(f"no cell of {cfg.source} uses dataset {args.dataset!r}")
-    summary = data.prepare(args.dataset, cfg.resolve(cells[0])["data"])
+    summary = data.prepare(args.dataset, cfg.settings(cells[0]).data.options())
     print(json.dumps(summary))
     if args.out:
-        runtime.write_json(args.out, summary)
-    return 0
-
-
-def cmd_init_tracking(args) -> int:
-    from rpat import tracking
-
-    cfg, _ = _load(args)
-    if cfg.tracking["enabled"]:
-        uri = tracking.tracking_uri(cfg.tracking["uri"])
-        exp = tracking.init_store(uri, cfg.experiment)
-        print(f"MLflow store {uri}, experiment {cfg.experiment!r} (id {exp})")
+        files.write_json(args.out, summary)
     return 0
 
 
@@ -102,12 +80,12 @@ def cmd_sync_tracking(args) -> int:
 
 
 def info() -> dict:
-    from rpat import attacks, data, models, objectives, schedules
+    from rpat import attacks, data, evaluate, models, objectives, schedules
 
     model_rows = []
     for name, spec in sorted(models.MODELS.items()):
         net = spec.builder(num_classes=10, in_channels=3, image_size=32)
-        model_rows.append({"name": name, "description": spec.description,
+        model_rows.append({"name": name, "display": spec.display, "description": spec.description,
                            "params_10_classes": models.param_count(net),
                            "image_sizes": list(spec.image_sizes) if spec.image_sizes else "any"})
     return {
@@ -115,8 +93,9 @@ def info() -> dict:
         "models": model_rows,
         "objectives": objectives.objective_info(),
         "attacks": {"norms": list(attacks.NORMS), "inner_losses": sorted(attacks.INNER_LOSSES),
-                    "inits": list(attacks.INITS), "bn_modes": list(attacks.BN_MODES),
-                    "evaluation": ["clean", "pgd20", "cw", "autoattack"]},
+                    "inits": list(attacks.INITS), "bn_modes": list(attacks.BN_MODES)},
+        "measurements": [{"key": m.key, "header": m.header, "description": m.description}
+                         for m in evaluate.MEASUREMENTS.values()],
         "augmentations": sorted(data.AUGMENTATIONS),
         "schedules": list(schedules.SCHEDULES),
     }
@@ -132,11 +111,29 @@ def cmd_info(args) -> int:
         for row in res[section]:
             extra = f" ({row['params_10_classes']:,} params)" if "params_10_classes" in row else ""
             print(f"  {row['name']:<22}{extra} {row['description']}")
+    print("measurements:", ", ".join(m["key"] for m in res["measurements"]))
     print("attacks:", json.dumps(res["attacks"]))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_bench(argv: list[str]) -> int:
+    """Benchmarks live in the project's benchmarks/ folder (one home for speed and memory numbers)."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    if not script.is_file():
+        print(f"rpat bench: error: {script} not found: benchmarks run from a clone of the project "
+              "(pip install -e .), not from an installed wheel", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpat", description="RPAT experiment pipeline")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -146,36 +143,43 @@ def main(argv: list[str] | None = None) -> int:
                        help="config file(s); later files override earlier ones")
         if cell:
             s.add_argument("--cell", required=True, help="dataset/model/norm/method[+rpat]/seedN")
-            s.add_argument("--out", help="run directory (default <results_dir>/runs/<cell>)")
             s.add_argument("--threads", type=int, help="CPU threads for torch")
         s.set_defaults(fn=fn)
         return s
 
-    job("train", cmd_train, "train one grid cell")
-    job("evaluate", cmd_evaluate, "evaluate one trained cell: clean, PGD-20, CW, AutoAttack")
+    job("train", cmd_train, "train one grid cell").add_argument(
+        "--out", help="run directory (default <results_dir>/runs/<cell>)")
+    e = job("evaluate", cmd_evaluate, "evaluate one trained cell: every registered measurement")
+    e.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
+    e.add_argument("--checkpoint", help="checkpoint to evaluate (default: the one eval.checkpoint names in train.json)")
+    e.add_argument("--out", help="eval.json to write (default beside train.json)")
     r = job("report", cmd_report, "tables and plots from eval.json files", cell=False)
     r.add_argument("--inputs", nargs="*", help="eval.json files (default: those of the config's grid)")
     r.add_argument("--out", help="output directory (default <results_dir>)")
     d = job("prepare-data", cmd_prepare_data, "download / lay out / cache a dataset once", cell=False)
     d.add_argument("--dataset", required=True)
     d.add_argument("--out", help="write a summary JSON here (the workflow's marker)")
-    job("init-tracking", cmd_init_tracking, "create the MLflow store and experiment once", cell=False)
     job("sync-tracking", cmd_sync_tracking, "add to MLflow whatever the JSON results hold and it lacks", cell=False)
     sub.add_parser("bench", help="speed and memory benchmarks (rpat bench --help)")
-    i = sub.add_parser("info", help="registered datasets, models, objectives, attacks")
+    i = sub.add_parser("info", help="registered datasets, models, objectives, measurements")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser, so `rpat bench --help` shows its options
-        from rpat.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    args = p.parse_args(argv)
+        return cmd_bench(argv[1:])
+    args = _parser().parse_args(argv)
     from rpat.errors import UserError
+    from rpat.preemption import Preempted
 
     try:
         return args.fn(args)
+    except Preempted as e:
+        print(f"rpat {args.command}: {e}", file=sys.stderr)
+        return Preempted.exit_code
     except (UserError, FileNotFoundError) as e:  # anything else is a bug: keep its traceback
         print(f"rpat {args.command}: error: {e}", file=sys.stderr)
         return 2

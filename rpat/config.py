@@ -1,80 +1,29 @@
-"""Configuration: load YAML safely, validate against the JSON schema, expand the grid into cells.
+"""Configuration: load YAML safely, validate it, expand the grid into cells, resolve each cell's settings.
 
 A config has hyperparameter *sections* (data, threat, train, methods, rpat, eval, resources) and a
 ``grid``: a list of blocks, each a product dataset x model x norm x method x rpat x seed with an
-optional ``set`` of section overrides. A *cell* is one point of that product; its resolved config is
-``DEFAULTS <- config sections <- block.set``. Fractions such as ``"8/255"`` are accepted wherever a
-number is expected.
+optional ``set`` of section overrides. A *cell* is one point of that product; its settings are
+``DEFAULTS <- config sections <- block.set``, resolved once into :class:`rpat.settings.CellSettings`.
+Fractions such as ``"8/255"`` are accepted wherever a number is expected.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import itertools
-import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
-from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import yaml
 
-from rpat.errors import UserError
+from rpat import settings as S
+from rpat.cells import Cell, CellError, block_cells, run_dir
+from rpat.errors import ConfigError
+from rpat.schema import SECTIONS, problems
 
-SECTIONS = ("data", "threat", "train", "methods", "rpat", "eval", "resources")
-
-# Embedded defaults: the paper's Benchmarks recipe (REFERENCE.md 5.1, DECISIONS.md 9-15).
-DEFAULTS: dict[str, Any] = {
-    "results_dir": "results",
-    "tracking": {"enabled": True, "uri": None},
-    "data": {
-        "root": "data",
-        "paths": {},
-        "download": False,
-        "val_size": 1000,
-        "split_seed": 0,
-        "train_subset": None,
-        "augment": "crop_flip",
-        "batch_size": 128,
-        "eval_batch_size": 500,
-    },
-    "threat": {
-        "linf": {"eps": 8 / 255, "step": 2 / 255, "steps": 10},
-        "l2": {"eps": 128 / 255, "step": 15 / 255, "steps": 10},
-    },
-    "train": {
-        "epochs": 110,
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": {"name": "multistep", "milestones": [100, 105], "gamma": 0.1},
-        "select": "val",
-        "val_attack_steps": 10,
-        "device": "auto",
-        "threads": None,
-        "precision": "float32",
-        "channels_last": False,
-        "compile": False,
-    },
-    "methods": {},  # filled from each objective's defaults below
-    "rpat": {"weight": 1.0, "clean_weight": 0.5, "start_epoch": 1},
-    "eval": {
-        "checkpoint": "best",
-        "n_examples": None,
-        "batch_size": 500,
-        "pgd_steps": 20,
-        "cw_steps": 30,
-        "autoattack": {"enabled": True, "version": "standard", "seed": 0},
-    },
-    "resources": {
-        "default": {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60},
-        "by_model": {},
-        "by_dataset": {},
-    },
-}
+__all__ = ["Cell", "Config", "ConfigError", "DEFAULTS", "SECTIONS", "block_cells", "deep_merge", "from_dict", "load"]
 
 
 def _method_defaults() -> dict:
@@ -83,27 +32,18 @@ def _method_defaults() -> dict:
     return {name: copy.deepcopy(o["defaults"]) for name, o in catalog()["objectives"].items() if o["defaults"]}
 
 
-DEFAULTS["methods"] = _method_defaults()
-
-
-def _schema_of(value: Any, key: str = "") -> dict:
-    """A schema accepting values shaped like ``value`` (a method's default hyperparameter)."""
-    from rpat.catalog import catalog
-
-    if key.endswith("_bn"):
-        return {"type": "string", "enum": catalog()["bn_modes"]}
-    if isinstance(value, bool):
-        return {"type": "boolean"}
-    if isinstance(value, (int, float)):
-        return {"type": "number", "minimum": 0}
-    if isinstance(value, dict):
-        return {"type": "object", "additionalProperties": False,
-                "properties": {k: _schema_of(v, k) for k, v in value.items()}}
-    return {"type": "string"}
-
-
-class ConfigError(UserError, ValueError):
-    """A config problem, with the key that is wrong and what would be right."""
+# The embedded defaults, built from the settings classes (rpat/settings.py) and the objectives' registry.
+DEFAULTS: dict[str, Any] = {
+    "results_dir": "results",
+    "tracking": {"enabled": True, "uri": None},
+    "data": S.defaults_of(S.DataSettings),
+    "threat": copy.deepcopy(S.THREAT_DEFAULTS),
+    "train": S.defaults_of(S.TrainSettings),
+    "methods": _method_defaults(),
+    "rpat": S.defaults_of(S.RpatSettings),
+    "eval": S.defaults_of(S.EvalSettings),
+    "resources": {"default": dict(S.RESOURCE_DEFAULTS), "by_model": {}, "by_dataset": {}},
+}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -144,103 +84,35 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def schema() -> dict:
-    """The JSON schema with the registries' names filled in."""
-    from rpat.catalog import catalog
-
-    cat = catalog()
-    text = resources.files("rpat").joinpath("config.schema.yaml").read_text()
-    s = yaml.safe_load(text)
-    block = s["properties"]["grid"]["items"]["properties"]
-    for key, names in (
-        ("dataset", cat["datasets"]),
-        ("model", cat["models"]),
-        ("norm", cat["norms"]),
-        ("method", cat["objectives"]),
-    ):
-        block[key] = {**block[key], "items": {"type": "string", "enum": sorted(names) if key != "norm" else names}}
-    block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
-    s["$defs"]["sections"]["methods"]["properties"] = {
-        name: _schema_of(defaults) for name, defaults in DEFAULTS["methods"].items()}
-    return s
-
-
-def _path(error) -> str:
-    parts = []
-    for p in error.absolute_path:
-        parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
-    return "".join(parts) or "<top level>"
-
-
-def _describe(error) -> str:
-    key = _path(error)
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed))
-        return f"unknown key {', '.join(map(repr, extra))} in {key}; allowed keys: {', '.join(allowed)}"
-    if error.validator == "enum":
-        return f"{key}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
-    if error.validator == "required":
-        return f"{key}: {error.message}"
-    return f"{key}: {error.message}"
-
-
 def validate(cfg: dict) -> None:
     """Raise ConfigError listing every schema violation (each names its key and the allowed values)."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = "\n  - ".join(_describe(e) for e in errors)
-        raise ConfigError(f"invalid config:\n  - {lines}")
+    found = problems(cfg)
+    if found:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, order=True)
-class Cell:
-    dataset: str
-    model: str
-    norm: str
-    method: str
-    rpat: bool
-    seed: int
-
-    @property
-    def method_label(self) -> str:
-        return f"{self.method}+rpat" if self.rpat else self.method
-
-    @property
-    def id(self) -> str:
-        """Also the cell's directory under ``<results_dir>/runs``."""
-        return f"{self.dataset}/{self.model}/{self.norm}/{self.method_label}/seed{self.seed}"
-
-    def tags(self) -> dict[str, str]:
-        return {"dataset": self.dataset, "model": self.model, "norm": self.norm, "method": self.method,
-                "rpat": "on" if self.rpat else "off", "seed": str(self.seed), "cell": self.id}
-
-    @classmethod
-    def parse(cls, cell_id: str) -> "Cell":
-        m = re.fullmatch(r"([^/]+)/([^/]+)/([^/]+)/([^/+]+?)(\+rpat)?/seed(\d+)", cell_id.strip("/"))
-        if not m:
-            raise ConfigError(f"cell {cell_id!r} is not of the form dataset/model/norm/method[+rpat]/seedN")
-        return cls(m[1], m[2], m[3], m[4], m[5] is not None, int(m[6]))
-
-
-GRID_KEYS = ("dataset", "model", "norm", "method", "rpat", "seed")  # Cell's fields, in order
-
-
-def block_cells(block: dict) -> Iterator[Cell]:
-    """The cells of one grid block: the product of its coordinate lists."""
-    return (Cell(*combo) for combo in itertools.product(*(block[k] for k in GRID_KEYS)))
+def resources_for(resolved: dict) -> dict:
+    """default <- by_dataset[dataset] <- by_model[model]."""
+    res = resolved["resources"]
+    cell = resolved["cell"]
+    out = dict(S.RESOURCE_DEFAULTS)
+    out.update(res.get("default", {}))
+    out.update(res.get("by_dataset", {}).get(cell["dataset"], {}))
+    out.update(res.get("by_model", {}).get(cell["model"], {}))
+    return out
 
 
 @dataclass
 class Config:
     raw: dict
     source: str
+    _owner: dict = field(default_factory=dict, repr=False)  # cell -> index of its grid block
+    _settings: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        for i, block in enumerate(self.blocks()):
+            for cell in block_cells(block):
+                self._owner.setdefault(cell, i)
 
     @property
     def experiment(self) -> str:
@@ -259,16 +131,27 @@ class Config:
 
     def cells(self) -> list[Cell]:
         """Every cell of every block, in grid order, without duplicates."""
-        return list(dict.fromkeys(cell for block in self.blocks() for cell in block_cells(block)))
+        return list(self._owner)
+
+    def cell(self, cell_id: str) -> Cell:
+        """The grid's cell named ``cell_id`` (an error naming some of the grid's cells if it is not one)."""
+        cell = Cell.parse(cell_id)
+        if cell not in self._owner:
+            names = [c.id for c in self.cells()]
+            raise CellError(f"cell {cell.id} is not in the grid of {self.source}; cells: {', '.join(names[:8])}"
+                            f"{' ...' if len(names) > 8 else ''}")
+        return cell
 
     def block_of(self, cell: Cell) -> dict:
-        for block in self.blocks():
-            if cell in block_cells(block):
-                return block
-        raise ConfigError(f"cell {cell.id} is not in the grid of {self.source}")
+        if cell not in self._owner:
+            raise ConfigError(f"cell {cell.id} is not in the grid of {self.source}")
+        return self.blocks()[self._owner[cell]]
+
+    def run_dir(self, cell: Cell) -> Path:
+        return run_dir(self.results_dir, cell)
 
     def resolve(self, cell: Cell) -> dict:
-        """The cell's full settings: defaults <- top-level sections <- its block's ``set``."""
+        """The cell's full settings as a plain dict: defaults <- top-level sections <- its block's ``set``."""
         base = {k: v for k, v in self.raw.items() if k in SECTIONS}
         resolved = deep_merge({k: DEFAULTS[k] for k in SECTIONS}, base)
         resolved = deep_merge(resolved, self.block_of(cell).get("set", {}))
@@ -276,33 +159,39 @@ class Config:
         resolved["experiment"] = self.experiment
         return resolved
 
+    def settings(self, cell: Cell) -> S.CellSettings:
+        """The cell's typed settings, resolved once per cell."""
+        if cell not in self._settings:
+            resolved = self.resolve(cell)
+            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved))
+        return self._settings[cell]
+
 
 def _check_semantics(cfg: Config) -> None:
     from rpat.catalog import catalog
 
     objectives = catalog()["objectives"]
-    problems = []
+    problems_ = []
     for i, block in enumerate(cfg.blocks()):
         for method in block["method"]:
             if True in block["rpat"] and not objectives[method]["supports_rpat"]:
-                problems.append(f"grid[{i}]: method {method!r} has no RPAT variant; use rpat: [false] for it "
-                                "or move it to a block of its own")
-    owners: dict[Cell, int] = {}
-    for i, block in enumerate(cfg.blocks()):
+                problems_.append(f"grid[{i}]: method {method!r} has no RPAT variant; use rpat: [false] for it "
+                                 "or move it to a block of its own")
         for cell in block_cells(block):
-            if cell in owners and cfg.blocks()[owners[cell]].get("set", {}) != block.get("set", {}):
-                problems.append(f"cell {cell.id} is in grid[{owners[cell]}] and grid[{i}] with different `set`; "
-                                "a cell must have one configuration")
-            owners.setdefault(cell, i)
+            owner = cfg._owner[cell]
+            if owner != i and cfg.blocks()[owner].get("set", {}) != block.get("set", {}):
+                problems_.append(f"cell {cell.id} is in grid[{owner}] and grid[{i}] with different `set`; "
+                                 "a cell must have one configuration")
     for cell in cfg.cells():
-        r = cfg.resolve(cell)
-        if cell.norm not in r["threat"]:
-            problems.append(f"cell {cell.id}: no threat.{cell.norm} settings")
-        if r["rpat"]["start_epoch"] > r["train"]["epochs"] and cell.rpat:
-            problems.append(f"cell {cell.id}: rpat.start_epoch={r['rpat']['start_epoch']} is after the last epoch "
-                            f"({r['train']['epochs']})")
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
+        if cell.norm not in cfg.resolve(cell)["threat"]:
+            problems_.append(f"cell {cell.id}: no threat.{cell.norm} settings")
+            continue
+        s = cfg.settings(cell)
+        if s.rpat is not None and s.rpat.start_epoch > s.train.epochs:
+            problems_.append(f"cell {cell.id}: rpat.start_epoch={s.rpat.start_epoch} is after the last epoch "
+                             f"({s.train.epochs})")
+    if problems_:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(problems_)))
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> Config:
@@ -325,35 +214,3 @@ def load(paths: str | Path | Iterable[str | Path]) -> Config:
         return from_dict(raw, ", ".join(map(str, paths)))
     except ConfigError as e:
         raise ConfigError(f"{', '.join(map(str, paths))}: {e}") from None
-
-
-def fingerprint(obj: Any) -> str:
-    """Short stable hash of a JSON-able object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# Keys that change where and how fast a job runs, not what it computes. (channels_last and compile
-# reorder float sums, so they stay in the fingerprint: a resumed run never mixes the two.)
-SPEED_ONLY = ("device", "threads")
-
-
-def train_settings(resolved: dict) -> dict:
-    """The part of a cell's settings that determines its training (not evaluation or resources)."""
-    cell = resolved["cell"]
-    keys = {"cell": cell, "data": resolved["data"], "threat": resolved["threat"][cell["norm"]],
-            "train": {k: v for k, v in resolved["train"].items() if k not in SPEED_ONLY},
-            "method": resolved["methods"].get(cell["method"], {})}
-    if cell["rpat"]:
-        keys["rpat"] = resolved["rpat"]
-    return keys
-
-
-def resources_for(resolved: dict) -> dict:
-    """default <- by_dataset[dataset] <- by_model[model]."""
-    res = resolved["resources"]
-    cell = resolved["cell"]
-    out = dict(DEFAULTS["resources"]["default"])
-    out.update(res.get("default", {}))
-    out.update(res.get("by_dataset", {}).get(cell["dataset"], {}))
-    out.update(res.get("by_model", {}).get(cell["model"], {}))
-    return out

@@ -69,18 +69,20 @@ class DatasetSpec:
     # Files on disk (downloaded, laid out, decoded into a cache) that one job should prepare before
     # many jobs read them; False for data bundled with a package.
     on_disk: bool = True
+    display: str = ""  # the paper's name (tables, plots)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register(name: str, description: str, num_classes: int | None, image_size: int | None, on_disk: bool = True):
+def register(name: str, description: str, num_classes: int | None, image_size: int | None, on_disk: bool = True,
+             display: str = ""):
     """Register ``load(options) -> Loaded``; ``options`` is the run's ``data`` config section."""
 
     def deco(fn):
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = DatasetSpec(name, fn, description, num_classes, image_size, on_disk)
+        DATASETS[name] = DatasetSpec(name, fn, description, num_classes, image_size, on_disk, display or name)
         return fn
 
     return deco
@@ -118,7 +120,7 @@ DIGITS_SPLIT_SEED = 0  # the test split is part of the dataset's definition, not
 
 
 @register("digits", "scikit-learn's bundled 8x8 grey digits, 10 classes; 400 held-out test images", 10, 8,
-          on_disk=False)
+          on_disk=False, display="Digits")
 def load_digits(options: dict) -> Loaded:
     from sklearn.datasets import load_digits as sk_digits
 
@@ -384,12 +386,14 @@ def _load_cifar(options: dict, name: str, tv_class: str, base_folder: str, num_c
     return Loaded(train=(x, y), test=(tx, ty), num_classes=num_classes, mean=list(mean), std=list(std), classes=classes)
 
 
-@register("cifar10", "CIFAR-10, 32x32 RGB, 10 classes, 50,000 train / 10,000 test (torchvision files or image folder)", 10, 32)
+@register("cifar10", "CIFAR-10, 32x32 RGB, 10 classes, 50,000 train / 10,000 test (torchvision files or image folder)", 10, 32,
+          display="CIFAR-10")
 def load_cifar10(options: dict) -> Loaded:
     return _load_cifar(options, "cifar10", "CIFAR10", "cifar-10-batches-py", 10, CIFAR10_MEAN, CIFAR10_STD)
 
 
-@register("cifar100", "CIFAR-100, 32x32 RGB, 100 classes, 50,000 train / 10,000 test (torchvision files or image folder)", 100, 32)
+@register("cifar100", "CIFAR-100, 32x32 RGB, 100 classes, 50,000 train / 10,000 test (torchvision files or image folder)", 100, 32,
+          display="CIFAR-100")
 def load_cifar100(options: dict) -> Loaded:
     return _load_cifar(options, "cifar100", "CIFAR100", "cifar-100-python", 100, CIFAR100_MEAN, CIFAR100_STD)
 
@@ -489,7 +493,8 @@ def prepare_tinyimagenet(root: Path, download: bool) -> Path:
     return data_dir
 
 
-@register("tinyimagenet", "Tiny-ImageNet-200, 64x64 RGB, 200 classes, 100,000 train / 10,000 test (official val)", 200, 64)
+@register("tinyimagenet", "Tiny-ImageNet-200, 64x64 RGB, 200 classes, 100,000 train / 10,000 test (official val)", 200, 64,
+          display="Tiny-ImageNet")
 def load_tinyimagenet(options: dict) -> Loaded:
     data_dir = prepare_tinyimagenet(dataset_root(options, "tinyimagenet"), bool(options.get("download", False)))
     classes = _class_dirs(data_dir / "train")  # sorted wnids, as ImageFolder

@@ -22,3 +22,7 @@ class DeviceUnavailable(UserError, RuntimeError):
 
 class DataProblem(UserError, RuntimeError):
     """A data set on disk is incomplete or malformed."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem, with the key that is wrong and what would be right."""

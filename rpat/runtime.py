@@ -1,13 +1,8 @@
-"""Process-level setup shared by every job: device, threads, seeds, atomic file writes."""
+"""Process-level setup shared by every job: device, threads, seeds and RNG states."""
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -47,33 +42,3 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)``, then rename into place: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-
-    atomic_write(path, write)
-
-
-def read_json(path: str | Path) -> Any:
-    with open(path) as f:
-        return json.load(f)

@@ -168,7 +168,7 @@ def reconcile(cfg, runs_dir: str | Path) -> dict:
     """Make MLflow hold every cell's JSON results (idempotent): the run, its params and tags, every
     epoch's metrics, the test metrics and the JSON artifacts, whatever live logging managed to write.
     Returns counts of what was added."""
-    from rpat.runtime import read_json
+    from rpat.files import read_json
 
     added = {"runs": 0, "metric_points": 0, "artifacts": 0}
     if not cfg.tracking["enabled"]:
@@ -195,11 +195,10 @@ def reconcile(cfg, runs_dir: str | Path) -> dict:
             run.log_params(record["settings"])
             run.set_tags({"train_fingerprint": record["fingerprint"]})
             points = [(k, v, h["epoch"]) for h in record["history"] for k, v in h.items() if k != "epoch"]
+            points += [(k, v, 0) for k, v in record.get("mlflow_metrics", {}).items()]
             results = read_json(eval_path) if eval_path.is_file() else None
             if results:
-                points += [(f"test_{k}", results[k], 0) for k in ("clean", "pgd20", "cw", "aa", "mean", "nrr")
-                           if results.get(k) is not None]
-                points += [(f"test_aa_after_{k}", v, 0) for k, v in results.get("aa_per_attack", {}).items()]
+                points += [(k, v, 0) for k, v in results.get("mlflow_metrics", {}).items()]
             have = {}
             for key in {k for k, _, _ in points}:
                 have[key] = {m.step for m in run.client.get_metric_history(run.run_id, key)}

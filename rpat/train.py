@@ -1,13 +1,17 @@
 """The training loop: one grid cell -> checkpoints + train.json (+ an MLflow run).
 
-Per epoch: attack + objective (+ RPAT) per batch, SGD step, learning rate from ``rpat.schedules``;
-then validation (clean and PGD accuracy on the held-out split) decides the best checkpoint.
-State is saved atomically after every epoch under ``<out>/state/``, and an interrupted job resumes
-from it (model, optimizer, RNG states, history, epoch) when its settings are unchanged.
+Per epoch: the objective plans the epoch (attack, regulariser, weight-average decay); per batch an
+attack, the objective's loss (+ RPAT), an SGD step with the learning rate from ``rpat.schedules`` and
+the objective's after-step hook; then validation (clean and PGD accuracy on the held-out split)
+decides the best checkpoint. The loop names no method: what differs between methods lives on the
+objective (rpat/objectives/).
 
-On SIGTERM or SIGUSR1 (what Slurm sends before a time-limit or preemption kill) the job finishes
-its current step, saves its state *within* the epoch (example order, step, partial sums, RNG states)
-and exits with code 75; rerun, it continues exactly where it stopped.
+The training state (:class:`TrainingState`) is saved atomically after every epoch under
+``<out>/state/``, and an interrupted job resumes from it (model, optimizer, weight average, RNG states,
+history, epoch) when its settings are unchanged. On SIGTERM or SIGUSR1 (what Slurm sends before a
+time-limit or preemption kill) the job finishes its current step, saves its state *within* the epoch
+(example order, step, partial sums, RNG states) and exits with code 75; rerun, it continues exactly
+where it stopped. A cell whose train.json and checkpoints exist with the same settings is not touched.
 
 Loss parts are summed on the device and read once per epoch: no host synchronisation per step.
 Speed options (``train.channels_last``, ``train.compile``) do not change float32 results;
@@ -20,52 +24,31 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import signal
 import sys
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from rpat import checkpoint, data, evaluate, models, objectives, runtime, schedules
+from rpat import accuracy, checkpoint, data, files, models, objectives, runtime, schedules
 from rpat.averaging import WeightAverage
+from rpat.cells import Cell
 from rpat.errors import UserError
-from rpat.config import Config, fingerprint, train_settings
+from rpat.objectives import EpochPlan, Objective
+from rpat.preemption import Preempted, StopSignals
+from rpat.settings import CellSettings, RpatSettings
 from rpat.tracking import CellRun
+
+if TYPE_CHECKING:  # rpat.config builds its defaults from the registries, which import this module
+    from rpat.config import Config
+
+__all__ = ["NonFiniteLoss", "Preempted", "train_cell", "train_step"]
 
 
 class NonFiniteLoss(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good state is kept."""
-
-
-class Preempted(RuntimeError):
-    """Stopped by a signal after saving a resumable state (exit code 75, EX_TEMPFAIL)."""
-
-    exit_code = 75
-
-
-class StopSignals:
-    """Turn SIGTERM/SIGUSR1 into a flag the loop checks between steps (no work is cut in half)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def precision_context(precision: str, device: torch.device):
@@ -74,211 +57,262 @@ def precision_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def build_model_for(splits: data.Splits, model_name: str) -> torch.nn.Module:
-    return models.build(model_name, num_classes=splits.num_classes, in_channels=splits.channels,
-                        image_size=splits.image_size, mean=splits.mean, std=splits.std)
-
-
-def model_meta(splits: data.Splits, model_name: str) -> dict:
-    return {"model_name": model_name, "num_classes": splits.num_classes, "in_channels": splits.channels,
-            "image_size": splits.image_size, "mean": list(splits.mean), "std": list(splits.std)}
-
-
 def _progress(iterable, total: int, desc: str):
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, file=sys.stderr)
 
 
-def train_step(objective, model, opt, x, y, threat: dict, hp: dict, rpat: dict | None, *, amp=None,
-               teacher: WeightAverage | None = None, decay: float = 0.0):
-    """One optimisation step: attack, loss (+ RPAT), backward, SGD; for ReBAT / RPAT++ also the reference's
-    clean train-mode forward (BatchNorm statistics see clean data) and the weight-average update."""
+def train_step(objective: Objective, model, opt, x, y, plan: EpochPlan, hp: Mapping, rpat: RpatSettings | None, *,
+               amp=None, average: WeightAverage | None = None):
+    """One optimisation step: attack, loss (+ RPAT), backward, SGD, the objective's after-step hook, and the
+    weight-average update (with the epoch plan's decay)."""
     amp = amp if amp is not None else contextlib.nullcontext()
     with amp:
-        x_adv = objective.attack(model, x, y, threat, hp)
-        loss, parts = objectives.compute_loss(objective, model, x, y, x_adv, hp, rpat)
+        x_adv = objective.attack(model, x, y, plan.threat, hp)
+        loss, parts = objectives.compute_loss(objective, model, x, y, x_adv, hp, rpat, teacher=average,
+                                              reg_active=plan.reg_active)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    if teacher is not None:
-        if hp["clean_bn_forward"]:
-            with torch.no_grad(), amp:
-                model(x)
-        teacher.update(model, decay)
+    if objective.after_step is not None:
+        objective.after_step(model, x, hp, amp)
+    if average is not None:
+        average.update(model, plan.average_decay)
     return loss, parts
 
 
-def epoch_settings(threat: dict, hp: dict, epoch: int, teacher) -> tuple[dict, dict, float]:
-    """The epoch's attack settings, hyperparameters and weight-averaging decay.
+@dataclass
+class Trainer:
+    """Everything one cell's training works with, set up once (:func:`setup`)."""
 
-    ReBAT: from ``warmup_epoch`` on, the regulariser is active and the average decays with ``decay``
-    (before it, decay 0 keeps the average an exact copy); from ``stronger_attack.start_epoch`` on, the
-    optional stronger attack (eps, steps) replaces the threat model's training attack.
-    """
-    threat_e = dict(threat)
-    stronger = hp.get("stronger_attack") or {}
-    if stronger.get("enabled") and epoch >= stronger["start_epoch"]:
-        threat_e.update(eps=stronger["eps"], steps=stronger["steps"])
-    if teacher is None:
-        return threat_e, hp, 0.0
-    active = epoch >= hp["warmup_epoch"]
-    return threat_e, {**hp, "teacher": teacher, "reg_active": active}, (hp["decay"] if active else 0.0)
+    settings: CellSettings
+    objective: Objective
+    device: torch.device
+    splits: data.Splits
+    model: torch.nn.Module
+    fmodel: torch.nn.Module  # the model as the steps call it (compiled or not); shares its parameters
+    opt: torch.optim.Optimizer
+    average: WeightAverage | None
+    batches: data.Batches
+    val_batches: data.Batches
+    amp: object
+    shuffle: torch.Generator
+
+    @property
+    def selected(self) -> torch.nn.Module:
+        """The model that is validated, selected and saved: the weight average when there is one."""
+        return self.average.module if self.average is not None else self.model
+
+    def meta(self) -> dict:
+        s = self.splits
+        return models.meta(self.settings.cell.model, num_classes=s.num_classes, in_channels=s.channels,
+                           image_size=s.image_size, mean=s.mean, std=s.std)
 
 
-def train_cell(cfg: Config, cell, out_dir: str | Path, *, threads: int | None = None) -> dict:
-    """Train one cell into ``out_dir``; returns the train.json record."""
-    out_dir = Path(out_dir)
-    resolved = cfg.resolve(cell)
-    fp = fingerprint(train_settings(resolved))
-    tcfg, threat = resolved["train"], {**resolved["threat"][cell.norm], "norm": cell.norm}
+def setup(settings: CellSettings, threads: int | None = None) -> Trainer:
+    cell, t = settings.cell, settings.train
     objective = objectives.OBJECTIVES[cell.method]
-    hp = {**objective.defaults, **resolved["methods"].get(cell.method, {})}
-    rpat_cfg = resolved["rpat"] if cell.rpat else None
-
-    device = runtime.select_device(tcfg["device"])
-    runtime.set_threads(threads or tcfg.get("threads"))
+    device = runtime.select_device(t.device)
+    runtime.set_threads(threads or t.threads)
     runtime.seed_everything(cell.seed)
-
-    splits = data.load_splits(cell.dataset, resolved["data"])
-    model = build_model_for(splits, cell.model).to(device)
-    if tcfg["channels_last"]:
+    splits = data.load_splits(cell.dataset, settings.data.options())
+    model = models.build(cell.model, num_classes=splits.num_classes, in_channels=splits.channels,
+                         image_size=splits.image_size, mean=splits.mean, std=splits.std).to(device)
+    if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # The compiled module shares the parameters; validation and checkpoints use the plain one.
-    fmodel = torch.compile(model) if tcfg["compile"] else model
-    opt = torch.optim.SGD(model.parameters(), lr=tcfg["lr"], momentum=tcfg["momentum"],
-                          weight_decay=tcfg["weight_decay"])
-    # ReBAT / RPAT++: the weight-averaged teacher, always in eval mode (REFERENCE.md 1.11 leaves its
-    # first epoch in train mode by accident); it is also the model that is selected and evaluated.
-    teacher = WeightAverage(model).to(device).eval() if objective.uses_teacher else None
-    shuffle_gen = torch.Generator().manual_seed(cell.seed)
-    dcfg = resolved["data"]
-    train_batches = data.Batches(*splits.train, dcfg["batch_size"], shuffle=True,
-                                 augment=data.AUGMENTATIONS[dcfg["augment"]], views=objective.views,
-                                 device=device, generator=shuffle_gen)
-    select_split = splits.test if tcfg["select"] == "test" else splits.val
-    val_batches = data.Batches(*select_split, dcfg["eval_batch_size"], device=device)
-    amp = precision_context(tcfg["precision"], device)
+    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    # The weight average, for objectives whose loss uses it, stays in eval mode (docs/faithfulness.md D19).
+    average = WeightAverage(model).to(device).eval() if objective.uses_teacher else None
+    shuffle = torch.Generator().manual_seed(cell.seed)
+    d = settings.data
+    batches = data.Batches(*splits.train, d.batch_size, shuffle=True, augment=data.AUGMENTATIONS[d.augment],
+                           views=objective.views, device=device, generator=shuffle)
+    val_batches = data.Batches(*(splits.test if t.select == "test" else splits.val), d.eval_batch_size, device=device)
+    fmodel = torch.compile(model) if t.compile else model
+    return Trainer(settings, objective, device, splits, model, fmodel, opt, average, batches, val_batches,
+                   precision_context(t.precision, device), shuffle)
 
-    state_dir = out_dir / "state"
-    last_path = state_dir / "last.pt"
-    history: list[dict] = []
-    best = {"epoch": 0, "metric": -1.0}
-    start_epoch, run_id, wall_before, partial = 1, None, 0.0, None
-    if last_path.exists():
-        state = checkpoint.load(last_path, map_location=device,
-                                hint=f"delete {state_dir} to restart this cell from scratch")
-        if state.get("fingerprint") == fp:
-            model.load_state_dict(state["model"])
-            if teacher is not None:
-                teacher.module.load_state_dict(state["teacher"])
-            opt.load_state_dict(state["optimizer"])
-            shuffle_gen.set_state(state["shuffle_rng"])
-            runtime.set_rng_state(state["rng"])
-            history, best, run_id = state["history"], state["best"], state.get("run_id")
-            start_epoch, wall_before, partial = state["epoch"] + 1, state.get("wall_s", 0.0), state.get("partial")
-            where = f"epoch {start_epoch}, step {partial['step']}" if partial else f"epoch {start_epoch}"
-            print(f"[rpat] {cell.id}: resuming at {where}", file=sys.stderr)
-        else:
-            print(f"[rpat] {cell.id}: settings changed since {last_path} was written; training from scratch",
-                  file=sys.stderr)
 
-    run = CellRun(cfg.tracking["uri"], cfg.experiment, cell.tags(), run_id=run_id,
-                  enabled=cfg.tracking["enabled"], new=run_id is None)
-    if start_epoch == 1 and partial is None:
-        run.log_params(resolved)
-        run.set_tags({"train_fingerprint": fp})
+@dataclass
+class TrainingState:
+    """What a resumed job needs besides the settings: weights, optimizer, RNG states, history, best epoch,
+    the MLflow run, and (after a signal) the position inside an epoch. Saves and restores itself."""
 
-    def save_state(epoch_done: int, partial_state: dict | None) -> None:
-        checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch_done,
-                         "teacher": teacher.module.state_dict() if teacher is not None else None,
-                         "fingerprint": fp, "rng": runtime.rng_state(), "shuffle_rng": shuffle_gen.get_state(),
-                         "history": history, "best": best, "run_id": run.run_id, "partial": partial_state,
-                         "wall_s": wall_before + time.time() - t0}, last_path)
+    path: Path
+    fingerprint: str
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "metric": -1.0})
+    epoch: int = 0  # the last completed epoch
+    run_id: str | None = None
+    wall_before: float = 0.0
+    partial: dict | None = None
+    started: float = field(default_factory=time.time)
 
-    t0 = time.time()
-    n_batches = len(train_batches)
-    step_ids = torch.arange(n_batches, device=device)  # indexed per step: no host-to-device copy in the loop
-    with StopSignals() as stop:
-        for epoch in range(start_epoch, tcfg["epochs"] + 1):
-            t_epoch = time.time()
-            model.train()
-            use_rpat = rpat_cfg if (rpat_cfg and epoch >= rpat_cfg["start_epoch"]) else None
-            threat_e, hp_e, decay = epoch_settings(threat, hp, epoch, teacher)
-            if partial is not None:  # resume inside this epoch
-                order, first, sums, bad_step = partial["order"], partial["step"], partial["sums"], partial["bad_step"]
-                t_epoch -= partial["seconds"]
-                partial = None
-            else:
-                order, first, sums = train_batches.new_order(), 0, {}
-                bad_step = torch.full((), -1, dtype=torch.long, device=device)
-            batches = train_batches.iterate(order, first)
-            for step, (x, y) in enumerate(_progress(batches, n_batches - first, f"epoch {epoch}"), start=first):
-                lr = schedules.lr_at(tcfg["schedule"], tcfg["lr"], epoch, (step + 1) / n_batches, tcfg["epochs"])
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss, parts = train_step(objective, fmodel, opt, x, y, threat_e, hp_e, use_rpat, amp=amp,
-                                         teacher=teacher, decay=decay)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_ids[step], bad_step)
-                if stop.received is not None and step + 1 < n_batches:
-                    save_state(epoch - 1, {"order": order, "step": step + 1, "sums": sums, "bad_step": bad_step,
-                                           "seconds": time.time() - t_epoch})
-                    raise Preempted(f"{cell.id}: signal {signal.Signals(stop.received).name} at epoch {epoch}, "
-                                    f"step {step + 1}/{n_batches}; state saved in {last_path}; rerun to resume")
-            if int(bad_step) >= 0:
-                raise NonFiniteLoss(f"{cell.id}: non-finite loss at epoch {epoch}, step {int(bad_step)}; "
-                                    f"the last good state (epoch {epoch - 1}) is in {state_dir}; lower train.lr "
-                                    "or check the data, then rerun")
-            n_train = len(train_batches.y) * objective.views
-            record = {"epoch": epoch, "lr": lr}
-            record.update({f"loss_{k}": float(v) / n_train for k, v in sums.items()})
-            selected = teacher.module if teacher is not None else model
-            val = evaluate.accuracies(selected, val_batches, threat, steps=tcfg["val_attack_steps"])
-            record.update({"val_clean": val["clean"], "val_pgd": val["pgd"], "epoch_s": time.time() - t_epoch})
-            history.append(record)
+    @property
+    def wall_s(self) -> float:
+        return self.wall_before + time.time() - self.started
 
-            metric = val[objective.select_on]
-            if tcfg["select"] == "last" or metric > best["metric"]:
-                best = {"epoch": epoch, "metric": metric}
-                checkpoint.save({"model": selected.state_dict(), "epoch": epoch, "fingerprint": fp,
-                                 **model_meta(splits, cell.model)}, state_dir / "best.pt")
-            save_state(epoch, None)
-            run.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            print(f"[rpat] {cell.id} epoch {epoch}/{tcfg['epochs']} loss {record.get('loss_total', math.nan):.4f} "
-                  f"val clean {val['clean']:.2f} pgd {val['pgd']:.2f} ({record['epoch_s']:.1f}s)", file=sys.stderr)
-            if stop.received is not None and epoch < tcfg["epochs"]:
-                raise Preempted(f"{cell.id}: signal {signal.Signals(stop.received).name} after epoch {epoch}; "
-                                f"state saved in {last_path}; rerun to resume")
+    def save(self, tr: Trainer, partial: dict | None = None) -> None:
+        checkpoint.save({"model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(), "epoch": self.epoch,
+                         "average": tr.average.module.state_dict() if tr.average is not None else None,
+                         "fingerprint": self.fingerprint, "rng": runtime.rng_state(),
+                         "shuffle_rng": tr.shuffle.get_state(), "history": self.history, "best": self.best,
+                         "run_id": self.run_id, "partial": partial, "wall_s": self.wall_s}, self.path)
 
-    meta = model_meta(splits, cell.model)
-    final = teacher.module if teacher is not None else model
-    checkpoint.save({"model": final.state_dict(), "epoch": tcfg["epochs"], "fingerprint": fp, **meta},
-                    out_dir / "checkpoint-last.pt")
-    runtime.atomic_write(out_dir / "checkpoint-best.pt", lambda tmp: shutil.copyfile(state_dir / "best.pt", tmp))
+    @classmethod
+    def restore(cls, path: Path, tr: Trainer, fingerprint: str) -> "TrainingState":
+        """The saved state if it was written with these settings (loaded into ``tr``), else a fresh one."""
+        fresh = cls(path, fingerprint)
+        if not path.exists():
+            return fresh
+        state = checkpoint.load(path, map_location=tr.device, hint=f"delete {path.parent} to restart this cell "
+                                                                     "from scratch")
+        label = tr.settings.cell.id
+        if state.get("fingerprint") != fingerprint:
+            print(f"[rpat] {label}: settings changed since {path} was written; training from scratch", file=sys.stderr)
+            return fresh
+        tr.model.load_state_dict(state["model"])
+        if tr.average is not None:
+            tr.average.module.load_state_dict(state["average"])
+        tr.opt.load_state_dict(state["optimizer"])
+        tr.shuffle.set_state(state["shuffle_rng"])
+        runtime.set_rng_state(state["rng"])
+        out = cls(path, fingerprint, state["history"], state["best"], state["epoch"], state.get("run_id"),
+                  state.get("wall_s", 0.0), state.get("partial"))
+        where = f"epoch {out.epoch + 1}, step {out.partial['step']}" if out.partial else f"epoch {out.epoch + 1}"
+        print(f"[rpat] {label}: resuming at {where}", file=sys.stderr)
+        return out
+
+
+def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals) -> dict:
+    """Train one epoch (or its rest, after a signal); returns the epoch's record of learning rate and mean loss
+    parts. A signal saves the position within the epoch and raises :class:`Preempted`."""
+    s = tr.settings
+    t_epoch = time.time()
+    tr.model.train()
+    rpat = s.rpat if (s.rpat is not None and epoch >= s.rpat.start_epoch) else None
+    plan = tr.objective.epoch_plan(s.method, s.threat, epoch)
+    n_batches = len(tr.batches)
+    if state.partial is not None:  # resume inside this epoch
+        p, state.partial = state.partial, None
+        order, first, sums, bad_step = p["order"], p["step"], p["sums"], p["bad_step"]
+        t_epoch -= p["seconds"]
+    else:
+        order, first, sums = tr.batches.new_order(), 0, {}
+        bad_step = torch.full((), -1, dtype=torch.long, device=tr.device)
+    step_ids = torch.arange(n_batches, device=tr.device)  # indexed per step: no host-to-device copy in the loop
+    lr = s.train.lr
+    batches = _progress(tr.batches.iterate(order, first), n_batches - first, f"epoch {epoch}")
+    for step, (x, y) in enumerate(batches, start=first):
+        lr = schedules.lr_at(s.train.schedule, s.train.lr, epoch, (step + 1) / n_batches, s.train.epochs)
+        for group in tr.opt.param_groups:
+            group["lr"] = lr
+        loss, parts = train_step(tr.objective, tr.fmodel, tr.opt, x, y, plan, s.method, rpat, amp=tr.amp,
+                                 average=tr.average)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_ids[step], bad_step)
+        if stop.received is not None and step + 1 < n_batches:
+            state.save(tr, {"order": order, "step": step + 1, "sums": sums, "bad_step": bad_step,
+                            "seconds": time.time() - t_epoch})
+            raise Preempted(f"{s.cell.id}: signal {stop.name} at epoch {epoch}, step {step + 1}/{n_batches}; "
+                            f"state saved in {state.path}; rerun to resume")
+    if int(bad_step) >= 0:
+        raise NonFiniteLoss(f"{s.cell.id}: non-finite loss at epoch {epoch}, step {int(bad_step)}; the last good "
+                            f"state (epoch {epoch - 1}) is in {state.path.parent}; lower train.lr or check the "
+                            "data, then rerun")
+    n_train = len(tr.batches.y) * tr.objective.views
+    record = {"epoch": epoch, "lr": lr}
+    record.update({f"loss_{k}": float(v) / n_train for k, v in sums.items()})
+    record["t_epoch"] = t_epoch
+    return record
+
+
+def validate_and_select(tr: Trainer, state: TrainingState, record: dict) -> dict:
+    """Validation accuracies into the record; the best checkpoint (``state/best.pt``) follows the selection rule."""
+    s = tr.settings
+    val = accuracy.accuracies(tr.selected, tr.val_batches, s.threat, steps=s.train.val_attack_steps)
+    t_epoch = record.pop("t_epoch")
+    record.update({"val_clean": val["clean"], "val_pgd": val["pgd"], "epoch_s": time.time() - t_epoch})
+    metric = val[tr.objective.select_on]
+    if s.train.select == "last" or metric > state.best["metric"]:
+        state.best = {"epoch": record["epoch"], "metric": metric}
+        checkpoint.save({"model": tr.selected.state_dict(), "epoch": record["epoch"], "fingerprint": state.fingerprint,
+                         **tr.meta()}, state.path.parent / "best.pt")
+    return record
+
+
+def finish(tr: Trainer, state: TrainingState, out_dir: Path, run: CellRun) -> dict:
+    """The final checkpoints and train.json (written last: its presence means the cell is trained)."""
+    s, t = tr.settings, tr.settings.train
+    checkpoint.save({"model": tr.selected.state_dict(), "epoch": t.epochs, "fingerprint": state.fingerprint,
+                     **tr.meta()}, out_dir / "checkpoint-last.pt")
+    best = state.path.parent / "best.pt"
+    files.atomic_write(out_dir / "checkpoint-best.pt", lambda tmp: shutil.copyfile(best, tmp))
     result = {
-        "cell": cell.id,
-        **cell.tags(),
-        "rpat": cell.rpat,
-        "seed": cell.seed,
-        "experiment": cfg.experiment,
-        "fingerprint": fp,
-        "selection": {"rule": tcfg["select"], "split": "test" if tcfg["select"] == "test" else "val",
-                      "metric": f"val_{objective.select_on}", "best_epoch": best["epoch"],
-                      "best_value": best["metric"]},
+        "cell": s.cell.id, **s.cell.tags(), "rpat": s.cell.rpat, "seed": s.cell.seed, "experiment": s.experiment,
+        "fingerprint": state.fingerprint,
+        "selection": {"rule": t.select, "split": "test" if t.select == "test" else "val",
+                      "metric": f"val_{tr.objective.select_on}", "best_epoch": state.best["epoch"],
+                      "best_value": state.best["metric"]},
         "checkpoints": {"best": "checkpoint-best.pt", "last": "checkpoint-last.pt"},
-        "history": history,
-        "wall_s": wall_before + time.time() - t0,
-        "device": str(device),
-        "torch": torch.__version__,
-        "mlflow_run_id": run.run_id,
-        "settings": resolved,
+        "history": state.history, "wall_s": state.wall_s, "device": str(tr.device), "torch": torch.__version__,
+        "mlflow_run_id": run.run_id, "settings": s.resolved,
     }
-    runtime.write_json(out_dir / "train.json", result)
-    run.log_metrics({"best_epoch": best["epoch"], "best_val_metric": best["metric"], "train_wall_s": result["wall_s"]})
+    result["mlflow_metrics"] = {"best_epoch": state.best["epoch"], "best_val_metric": state.best["metric"],
+                                "train_wall_s": result["wall_s"]}
+    files.write_json(out_dir / "train.json", result)
+    run.log_metrics(result["mlflow_metrics"])
     run.log_artifact(out_dir / "train.json")
     return result
+
+
+def finished_record(out_dir: Path, fingerprint: str) -> dict | None:
+    """train.json of a cell already trained with these settings (both checkpoints present), else None."""
+    try:
+        record = files.read_json(out_dir / "train.json")
+    except (OSError, ValueError):
+        return None
+    done = isinstance(record, dict) and record.get("fingerprint") == fingerprint
+    return record if done and all((out_dir / n).is_file() for n in ("checkpoint-best.pt", "checkpoint-last.pt")) \
+        else None
+
+
+def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, threads: int | None = None) -> dict:
+    """Train one cell into ``out_dir``; returns the train.json record."""
+    out_dir = Path(out_dir)
+    fp = settings.train_fingerprint
+    done = finished_record(out_dir, fp)
+    if done is not None:
+        print(f"[rpat] {settings.cell.id}: already trained with these settings ({out_dir / 'train.json'}); "
+              "nothing to do", file=sys.stderr)
+        return done
+    tr = setup(settings, threads)
+    state = TrainingState.restore(out_dir / "state" / "last.pt", tr, fp)
+    run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=state.run_id,
+                  enabled=tracking["enabled"], new=state.run_id is None)
+    state.run_id = run.run_id
+    if state.epoch == 0 and state.partial is None:
+        run.log_params(settings.resolved)
+        run.set_tags({"train_fingerprint": fp})
+    epochs = settings.train.epochs
+    with StopSignals() as stop:
+        for epoch in range(state.epoch + 1, epochs + 1):
+            record = validate_and_select(tr, state, run_epoch(tr, state, epoch, stop))
+            state.history.append(record)
+            state.epoch = epoch
+            state.save(tr)
+            run.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            print(f"[rpat] {settings.cell.id} epoch {epoch}/{epochs} loss {record.get('loss_total', math.nan):.4f} "
+                  f"val clean {record['val_clean']:.2f} pgd {record['val_pgd']:.2f} ({record['epoch_s']:.1f}s)",
+                  file=sys.stderr)
+            if stop.received is not None and epoch < epochs:
+                raise Preempted(f"{settings.cell.id}: signal {stop.name} after epoch {epoch}; state saved in "
+                                f"{state.path}; rerun to resume")
+    return finish(tr, state, out_dir, run)
+
+
+def train_cell(cfg: Config, cell: Cell, out_dir: str | Path, *, threads: int | None = None) -> dict:
+    """Train ``cell`` of ``cfg`` into ``out_dir`` (see :func:`train`)."""
+    return train(cfg.settings(cell), out_dir, tracking=cfg.tracking, threads=threads)

@@ -1,4 +1,4 @@
-"""The PGD engine (rpat/attacks.py; REFERENCE.md sec. 2, DECISIONS.md item 8). CPU only, seeded, small."""
+"""The PGD engine (rpat/attacks.py; docs/faithfulness.md: "Training attacks", D8). CPU only, seeded, small."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rpat.attacks import cw_margin_loss, pgd, project, random_start, uniform_noi
 NORMS = ["linf", "l2"]
 INITS = ["uniform", "normal", "none"]
 TOL = 1e-6
-# (eps, step) per norm, the DECISIONS.md item 9 defaults
+# (eps, step) per norm, the docs/faithfulness.md D9 defaults
 BUDGET = {"linf": (8 / 255, 2 / 255), "l2": (128 / 255, 15 / 255)}
 
 
@@ -142,7 +142,7 @@ def test_cw_attack_raises_the_margin(trained):
 
 
 def test_kl_with_normal_init_needs_no_ref_logits(trained):
-    # TRADES attack (REFERENCE.md 2.2): reference logits are computed inside (eval-mode BN), start x + 0.001 N(0, I).
+    # TRADES attack (docs/faithfulness.md "TRADES and MART attacks"): reference logits are computed inside (eval-mode BN), start x + 0.001 N(0, I).
     model, x, y = trained
     x_adv = pgd(model, x, y, eps=8 / 255, step=2 / 255, steps=5, norm="linf", loss="kl", init="normal",
                 generator=torch.Generator().manual_seed(4))
@@ -264,7 +264,7 @@ def test_bn_mode_restored_per_module():
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter gradients are untouched (DECISIONS.md item 8)
+# Parameter gradients are untouched (docs/faithfulness.md D8)
 
 
 @pytest.mark.parametrize("loss", ["ce", "kl", "cw"])

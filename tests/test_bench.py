@@ -1,8 +1,16 @@
 """The benchmark's output contract, on tiny settings (the numbers themselves are in BENCHMARKS.md)."""
 
+import importlib.util
+from pathlib import Path
+
+import pytest
 import torch
 
-from rpat import bench
+from rpat.settings import Threat
+
+_spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 def test_train_step_lines_and_overhead_ratios():
@@ -28,7 +36,7 @@ def test_reference_step_recreation_trains():
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     before = [p.detach().clone() for p in model.parameters()]
     x0 = x.clone()
-    bench.make_reference_step(model, x, y, {"eps": 8 / 255, "step": 2 / 255, "steps": 2}, rpat=True)()
+    bench.make_reference_step(model, x, y, Threat("linf", 8 / 255, 2 / 255, 2), rpat=True)()
     assert torch.equal(x, x0)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -37,3 +45,12 @@ def test_median_time_excludes_warmup():
     calls = []
     assert bench.median_time(lambda: calls.append(1), repeats=3, warmup=2, device=torch.device("cpu")) >= 0
     assert len(calls) == 5
+
+
+def test_a_benchmark_that_cannot_measure_says_so(tmp_path, monkeypatch):
+    """Without the project's Snakefile (a non-editable install) the planning benchmark fails loudly."""
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    lines = []
+    with pytest.raises(bench.CannotMeasure, match="plan_paper_grid"):
+        bench.bench_jobs(lines.append, demo=False, quick=True)
+    assert lines == []

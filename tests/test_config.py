@@ -149,11 +149,11 @@ def test_cell_id_roundtrip():
 def test_train_fingerprint_ignores_eval_and_resources_but_not_training():
     cfg = C.from_dict(BASE)
     cell = cfg.cells()[0]
-    fp = C.fingerprint(C.train_settings(cfg.resolve(cell)))
+    fp = cfg.settings(cell).train_fingerprint
     changed_eval = C.from_dict(with_changes(eval={"n_examples": 10}, resources={"default": {"gpu": 1}}))
-    assert C.fingerprint(C.train_settings(changed_eval.resolve(cell))) == fp
+    assert changed_eval.settings(cell).train_fingerprint == fp
     changed_lr = C.from_dict(with_changes(train={"lr": 0.01}))
-    assert C.fingerprint(C.train_settings(changed_lr.resolve(cell))) != fp
+    assert changed_lr.settings(cell).train_fingerprint != fp
 
 
 def test_resources_by_dataset_then_model():

@@ -6,7 +6,7 @@ from torch import nn
 
 from rpat.models import MODELS, Normalized, build, param_count
 
-# Exact parameter counts for 10 classes (DECISIONS.md item 6). A new model must be added here.
+# Exact parameter counts for 10 classes (docs/faithfulness.md D6). A new model must be added here.
 PARAMS_10 = {
     "cnn": 94_762,
     "resnet18": 11_173_962,

@@ -1,7 +1,7 @@
-"""ReBAT and RPAT++ (REFERENCE.md 1.11, 2.4, 5.2; DECISIONS.md items 3, 4, 8, 10, 12) checked against hand values.
+"""ReBAT and RPAT++ (docs/faithfulness.md: "ReBAT and RPAT++", "ReBAT attack", D3, D4, D8, D10, D12) checked against hand values.
 
 Expected numbers are computed WITHOUT torch and without rpat: plain Python floats and ``math``, the formulas of
-REFERENCE.md 1.11 written out term by term. Models are tiny bias-free maps in float64:
+docs/faithfulness.md "ReBAT and RPAT++" written out term by term. Models are tiny bias-free maps in float64:
 
 * student ``PowNet(W, 1)``: z(x) = W x (linear), so its logits are obvious;
 * teacher ``PowNet(V, 3)``: w(x) = V (x ** 3) (cubic), so w(x_mid) - r w(x) depends on *which* end of the segment
@@ -23,7 +23,8 @@ from rpat import attacks
 from handcalc import PowNet, Recorder, t, lab, val, h_logits, h_softmax, h_ce
 from rpat.averaging import WeightAverage
 from rpat.objectives import OBJECTIVES, _guard_huge, compute_loss, rebat_attack, rebat_loss, rpat_plus_plus_loss
-from rpat.train import epoch_settings
+from rpat.objectives import StepContext, constant_plan
+from rpat.settings import Threat
 
 REL = 1e-9
 REBAT = OBJECTIVES["rebat"]
@@ -55,7 +56,7 @@ def h_sub(A, B):
 
 
 def h_rebat(W, V, XA, Y, beta):
-    """REFERENCE.md 1.11 (ReBAT): CE(z(x'), y) + beta KL_bm(softmax(w(x')) || softmax(z(x')))."""
+    """docs/faithfulness.md "ReBAT and RPAT++" (ReBAT): CE(z(x'), y) + beta KL_bm(softmax(w(x')) || softmax(z(x')))."""
     Za = h_logits(W, XA, 1)
     ce = h_ce(Za, Y)
     kl = h_kl_bm_logits(h_logits(V, XA, 3), Za)
@@ -115,7 +116,7 @@ def test_hand_helpers_on_closed_forms():
 
 
 # ---------------------------------------------------------------------------------------------
-# ReBAT (REFERENCE.md 1.11 step 5, first bullet)
+# ReBAT (docs/faithfulness.md "ReBAT and RPAT++" step 5, first bullet)
 
 
 def test_rebat_defaults_match_reference_in_one_based_epochs():
@@ -134,7 +135,7 @@ def test_rebat_closed_form_one_sample():
     x, xa, y = t([[0.0, 1.0]]), t([[1.0, 0.0]]), lab([0])
     e = math.e
     for beta in (1.0, 2.5):
-        loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"teacher": teacher, "beta": beta})
+        loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"beta": beta}, teacher=teacher)
         assert val(parts["ce"]) == pytest.approx(math.log(e + 2), rel=1e-12)
         assert val(parts["rebat_kl"]) == pytest.approx((e - 1) / (e + 2), rel=1e-12)
         assert val(loss) == pytest.approx(math.log(e + 2) + beta * (e - 1) / (e + 2), rel=1e-12)
@@ -145,13 +146,13 @@ def test_rebat_loss_matches_hand_value(beta):
     student, teacher = nets()
     expected = h_rebat(W, V, XA, Y, beta)
     assert expected["rebat_kl"] > 1e-2
-    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher, "beta": beta})
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"beta": beta}, teacher=teacher)
     assert set(parts) == set(expected)
     for key, value in expected.items():
         assert val(parts[key]) == pytest.approx(value, rel=REL, abs=1e-15), key
     assert parts["total"] is loss
     # the function itself (hp with beta given explicitly, reg_active defaulting to on)
-    out = rebat_loss(student, t(X), lab(Y), t(XA), {"teacher": teacher, "beta": beta})
+    out = rebat_loss(student, t(X), lab(Y), t(XA), {"beta": beta}, StepContext(teacher=teacher))
     assert set(out.parts) == {"ce", "rebat_kl", "rebat_kl_weighted"}
     assert val(out.loss) == pytest.approx(expected["total"], rel=REL)
     assert torch.equal(out.logits["adv"], student(t(XA)))
@@ -159,8 +160,8 @@ def test_rebat_loss_matches_hand_value(beta):
 
 def test_rebat_default_beta_is_one_and_beta_scales_linearly():
     student, teacher = nets()
-    l1, p1 = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher})
-    l3, p3 = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher, "beta": 3.0})
+    l1, p1 = compute_loss(REBAT, student, t(X), lab(Y), t(XA), teacher=teacher)
+    l3, p3 = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"beta": 3.0}, teacher=teacher)
     assert val(p1["rebat_kl_weighted"]) == pytest.approx(val(p1["rebat_kl"]), rel=1e-15)
     assert val(p3["rebat_kl"]) == pytest.approx(val(p1["rebat_kl"]), rel=1e-15)  # unweighted part independent of beta
     assert val(p3["rebat_kl_weighted"]) == pytest.approx(3.0 * val(p1["rebat_kl"]), rel=1e-12)
@@ -170,11 +171,11 @@ def test_rebat_default_beta_is_one_and_beta_scales_linearly():
 def test_rebat_reg_inactive_is_ce_only_and_skips_the_teacher():
     student = PowNet(W, 1)
     teacher = Recorder(PowNet(V, 3))
-    out = rebat_loss(student, t(X), lab(Y), t(XA), {"teacher": teacher, "beta": 1.0, "reg_active": False})
+    out = rebat_loss(student, t(X), lab(Y), t(XA), {"beta": 1.0}, StepContext(teacher=teacher, reg_active=False))
     assert set(out.parts) == {"ce"}
     ce = h_ce(h_logits(W, XA, 1), Y)
     assert val(out.loss) == pytest.approx(ce, rel=REL)
-    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher, "reg_active": False})
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), teacher=teacher, reg_active=False)
     assert set(parts) == {"ce", "total"}
     assert val(loss) == pytest.approx(ce, rel=REL)
     assert teacher.inputs == []
@@ -182,7 +183,7 @@ def test_rebat_reg_inactive_is_ce_only_and_skips_the_teacher():
 
 def test_rebat_forwards_and_gradients():
     student, teacher = Recorder(PowNet(W, 1)), Recorder(PowNet(V, 3))
-    loss, _ = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher})
+    loss, _ = compute_loss(REBAT, student, t(X), lab(Y), t(XA), teacher=teacher)
     assert len(student.inputs) == 1 and torch.equal(student.inputs[0], t(XA))
     assert len(teacher.inputs) == 1 and torch.equal(teacher.inputs[0], t(XA))  # teacher sees x', never x
     loss.backward()
@@ -192,14 +193,14 @@ def test_rebat_forwards_and_gradients():
     assert g is not None and float(g.abs().sum()) > 0
     # the KL term contributes to the student's gradient (teacher side has none)
     s2 = PowNet(W, 1)
-    compute_loss(REBAT, s2, t(X), lab(Y), t(XA), hp={"teacher": teacher, "reg_active": False})[0].backward()
+    compute_loss(REBAT, s2, t(X), lab(Y), t(XA), teacher=teacher, reg_active=False)[0].backward()
     assert not torch.allclose(g, s2.linear.weight.grad)
 
 
 def test_rebat_with_weight_average_teacher_gets_no_gradient():
     student = PowNet(W, 1)
     wa = WeightAverage(PowNet(V, 3))
-    loss, _ = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": wa})
+    loss, _ = compute_loss(REBAT, student, t(X), lab(Y), t(XA), teacher=wa)
     assert val(loss) == pytest.approx(h_rebat(W, V, XA, Y, 1.0)["total"], rel=REL)
     loss.backward()
     assert all(p.grad is None for p in wa.parameters())
@@ -207,9 +208,9 @@ def test_rebat_with_weight_average_teacher_gets_no_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
-# RPAT++ (REFERENCE.md 1.11 step 5, second bullet; DECISIONS.md item 3)
+# RPAT++ (docs/faithfulness.md "ReBAT and RPAT++" step 5, second bullet; docs/faithfulness.md D3)
 #
-# rpat's `clean_weight` r weights the CLEAN end (DECISIONS.md item 1): x_mid = r x + (1-r) x'. The reference
+# rpat's `clean_weight` r weights the CLEAN end (docs/faithfulness.md D1): x_mid = r x + (1-r) x'. The reference
 # (train_cifar_ra.py) writes RPAT++ with the weight of delta, a = `interpolation_rate`: teacher input x + a*delta,
 # target w(x + a delta) - (1-a) w(x), student a*z(x'). With a = 1 - r: x + a delta = x_mid, (1-a) w(x) = r w(x),
 # a z(x') = (1-r) z(x'). The reference hard-codes a = 0.5 (= r = 0.5, where both readings agree); r = 0.3 pins
@@ -222,7 +223,7 @@ def test_rpat_plus_plus_matches_hand_value(r, lam):
     student, teacher = nets()
     expected = h_rpat_pp(W, V, X, XA, Y, lam, r)
     assert expected["rpat"] > 1e-3
-    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher},
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), teacher=teacher,
                                rpat={"weight": lam, "clean_weight": r})
     # replaces the ReBAT KL term: no rebat_kl part, and the total has no BoAT contribution
     assert set(parts) == {"ce", "rpat", "rpat_weighted", "total"}
@@ -238,7 +239,7 @@ def test_rpat_plus_plus_matches_hand_value(r, lam):
 
 def test_rpat_plus_plus_convention_r_weights_the_clean_end():
     student, teacher = nets()
-    _, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher},
+    _, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), teacher=teacher,
                             rpat={"weight": 1.0, "clean_weight": 0.3})
     swapped = h_rpat_pp_reference_form(W, V, X, XA, 0.3)  # a = r: the other reading of "0.3"
     assert abs(val(parts["rpat"]) - swapped) > 1e-3
@@ -247,8 +248,8 @@ def test_rpat_plus_plus_convention_r_weights_the_clean_end():
 def test_rpat_plus_plus_defaults_r_half_lambda_one_and_ignores_beta():
     student, teacher = nets()
     expected = h_rpat_pp(W, V, X, XA, Y, 1.0, 0.5)
-    for hp in ({"teacher": teacher}, {"teacher": teacher, "beta": 7.0}):  # ReBAT beta and RPAT lambda are separate keys
-        loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp=hp, rpat={})
+    for hp in ({}, {"beta": 7.0}):  # ReBAT beta and RPAT lambda are separate keys
+        loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp=hp, rpat={}, teacher=teacher)
         assert val(loss) == pytest.approx(expected["total"], rel=REL)
         assert val(parts["rpat_weighted"]) == pytest.approx(expected["rpat"], rel=REL)
 
@@ -259,7 +260,7 @@ def test_rpat_plus_plus_closed_form_linear_teacher_r_half():
     student, teacher = PowNet([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]], 1), PowNet([[1.0, 3.0], [0.0, -1.0], [0.0, 1.0]], 1)
     x, xa, y = t([[0.0, 1.0]]), t([[1.0, 0.0]]), lab([1])
     s = math.exp(0.5)
-    loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"teacher": teacher}, rpat={"weight": 2.0})
+    loss, parts = compute_loss(REBAT, student, x, y, xa, teacher=teacher, rpat={"weight": 2.0})
     assert val(parts["rpat"]) == pytest.approx(0.5 * (s - 1) / (s + 2), rel=1e-12)
     ce = math.log(math.e + 2) - 1.0  # CE([0, 1, 0], y = 1)
     assert val(loss) == pytest.approx(ce + 2.0 * 0.5 * (s - 1) / (s + 2), rel=1e-12)
@@ -267,7 +268,7 @@ def test_rpat_plus_plus_closed_form_linear_teacher_r_half():
 
 def test_rpat_plus_plus_reg_inactive_is_ce_only():
     student, teacher = PowNet(W, 1), Recorder(PowNet(V, 3))
-    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": teacher, "reg_active": False},
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), teacher=teacher, reg_active=False,
                                rpat={"weight": 2.0, "clean_weight": 0.3})
     assert set(parts) == {"ce", "total"}
     assert val(loss) == pytest.approx(h_ce(h_logits(W, XA, 1), Y), rel=REL)
@@ -278,7 +279,7 @@ def test_rpat_plus_plus_reg_inactive_is_ce_only():
 def test_rpat_plus_plus_forwards_and_gradients(r):
     student, teacher = Recorder(PowNet(W, 1)), Recorder(PowNet(V, 3))
     x, xa = t(X), t(XA)
-    loss, _ = compute_loss(REBAT, student, x, lab(Y), xa, hp={"teacher": teacher}, rpat={"clean_weight": r})
+    loss, _ = compute_loss(REBAT, student, x, lab(Y), xa, teacher=teacher, rpat={"clean_weight": r})
     assert len(student.inputs) == 1 and torch.equal(student.inputs[0], xa)
     assert len(teacher.inputs) == 2
     assert torch.equal(teacher.inputs[0], x)  # u = w(x) first
@@ -288,13 +289,13 @@ def test_rpat_plus_plus_forwards_and_gradients(r):
     g = student.model.linear.weight.grad
     assert g is not None and float(g.abs().sum()) > 0
     s2 = PowNet(W, 1)
-    compute_loss(REBAT, s2, x, lab(Y), xa, hp={"teacher": teacher, "reg_active": False},
+    compute_loss(REBAT, s2, x, lab(Y), xa, teacher=teacher, reg_active=False,
                  rpat={"clean_weight": r})[0].backward()
     assert not torch.allclose(g, s2.linear.weight.grad)  # the RPAT++ term reaches the student
 
 
 # ---------------------------------------------------------------------------------------------
-# The huge-regulariser guard (REFERENCE.md 8.18; DECISIONS.md item 3: an error, not silently dropped)
+# The huge-regulariser guard (docs/faithfulness.md D3: an error, not silently dropped)
 
 
 def test_guard_huge_direct():
@@ -318,7 +319,7 @@ def _huge_pair(scale):
 @pytest.mark.parametrize("rpat", [None, {"weight": 1.0, "clean_weight": 0.5}])
 def test_huge_regulariser_turns_loss_into_nan(rpat):
     student, teacher, x, xa, y = _huge_pair(1e11)
-    loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"teacher": teacher}, rpat=rpat)
+    loss, parts = compute_loss(REBAT, student, x, y, xa, teacher=teacher, rpat=rpat)
     reg = parts["rpat" if rpat else "rebat_kl"]
     assert val(reg) >= 1e10
     assert math.isnan(val(loss))
@@ -328,7 +329,7 @@ def test_huge_regulariser_turns_loss_into_nan(rpat):
 @pytest.mark.parametrize("rpat", [None, {"weight": 1.0, "clean_weight": 0.5}])
 def test_large_but_allowed_regulariser_is_kept(rpat):
     student, teacher, x, xa, y = _huge_pair(1e6)
-    loss, parts = compute_loss(REBAT, student, x, y, xa, hp={"teacher": teacher}, rpat=rpat)
+    loss, parts = compute_loss(REBAT, student, x, y, xa, teacher=teacher, rpat=rpat)
     reg = parts["rpat" if rpat else "rebat_kl"]
     assert 1e5 < val(reg) < 1e10
     assert val(loss) == pytest.approx(val(parts["ce"]) + val(reg), rel=1e-12)
@@ -341,13 +342,13 @@ def test_nan_regulariser_gives_nan_loss(rpat):
     def nan_teacher(inp):
         return torch.full((inp.shape[0], 3), float("nan"), dtype=torch.float64)
 
-    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), hp={"teacher": nan_teacher}, rpat=rpat)
+    loss, parts = compute_loss(REBAT, student, t(X), lab(Y), t(XA), teacher=nan_teacher, rpat=rpat)
     assert math.isfinite(val(parts["ce"]))
     assert math.isnan(val(loss))
 
 
 # ---------------------------------------------------------------------------------------------
-# The ReBAT attack (REFERENCE.md 2.4): train-mode BatchNorm by default, 'ball' random start
+# The ReBAT attack (docs/faithfulness.md "ReBAT attack"): train-mode BatchNorm by default, 'ball' random start
 
 
 def bn_net(seed=0):
@@ -369,8 +370,7 @@ def batch(B=16, seed=1):
     return x, y
 
 
-THREATS = [{"eps": 8 / 255, "step": 2 / 255, "steps": 4, "norm": "linf"},
-           {"eps": 0.5, "step": 0.125, "steps": 4, "norm": "l2"}]
+THREATS = [Threat("linf", 8 / 255, 2 / 255, 4), Threat("l2", 0.5, 0.125, 4)]
 
 
 @pytest.mark.parametrize("start_training", [False, True])
@@ -382,17 +382,17 @@ def test_rebat_attack_uses_train_mode_bn_and_restores_mode(start_training):
     out = rebat_attack(net, x, y, threat, dict(REBAT.defaults), generator=torch.Generator().manual_seed(2))
     bn = net[2]
     assert all(m.training is start_training for m in net.modules())
-    assert int(bn.num_batches_tracked) == threat["steps"]  # one train-mode forward per step (ball start: none)
+    assert int(bn.num_batches_tracked) == threat.steps  # one train-mode forward per step (ball start: none)
     assert float(bn.running_mean.abs().sum()) > 0  # started at zeros
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     assert out.shape == x.shape and not out.requires_grad
-    # DECISIONS.md item 8: attack steps leave no parameter gradients
+    # docs/faithfulness.md D8: attack steps leave no parameter gradients
     assert all(p.grad is None for p in net.parameters())
     # hp without 'attack_bn' also means train mode
     net2 = bn_net()
     net2.eval()
     rebat_attack(net2, x, y, threat, {}, generator=torch.Generator().manual_seed(2))
-    assert int(net2[2].num_batches_tracked) == threat["steps"] and not net2.training
+    assert int(net2[2].num_batches_tracked) == threat.steps and not net2.training
 
 
 def test_rebat_attack_eval_bn_is_configurable():
@@ -418,7 +418,7 @@ def test_rebat_attack_requests_ball_start(threat, monkeypatch):
     monkeypatch.setattr(attacks, "random_start", spy)
     x, y = batch()
     rebat_attack(bn_net(), x, y, threat, {}, generator=torch.Generator().manual_seed(3))
-    assert calls == [(threat["eps"], threat["norm"], "ball")]
+    assert calls == [(threat.eps, threat.norm, "ball")]
 
 
 def test_rebat_l2_start_is_uniform_radius_inside_the_ball():
@@ -427,7 +427,7 @@ def test_rebat_l2_start_is_uniform_radius_inside_the_ball():
     B, eps = 400, 0.2
     x = torch.full((B, 8), 0.5, dtype=torch.float64)
     y = torch.zeros(B, dtype=torch.long)
-    out = rebat_attack(bn_net(), x, y, {"eps": eps, "step": 0.05, "steps": 0, "norm": "l2"}, {},
+    out = rebat_attack(bn_net(), x, y, Threat("l2", eps, 0.05, 0), {},
                        generator=torch.Generator().manual_seed(4))
     radius = (out - x).norm(dim=1) / eps
     assert float(radius.max()) <= 1 + 1e-12
@@ -440,8 +440,8 @@ def test_rebat_l2_start_is_uniform_radius_inside_the_ball():
 def test_rebat_linf_start_is_uniform_in_the_box():
     B, eps = 200, 0.1
     x = torch.full((B, 8), 0.5, dtype=torch.float64)
-    out = rebat_attack(bn_net(), x, torch.zeros(B, dtype=torch.long), {"eps": eps, "step": 0.05, "steps": 0,
-                       "norm": "linf"}, {}, generator=torch.Generator().manual_seed(5))
+    out = rebat_attack(bn_net(), x, torch.zeros(B, dtype=torch.long), Threat("linf", eps, 0.05, 0), {},
+                       generator=torch.Generator().manual_seed(5))
     d = out - x
     assert float(d.abs().max()) <= eps + 1e-15
     assert float(d.abs().max()) > 0.95 * eps and abs(float(d.mean())) < 0.01
@@ -453,10 +453,10 @@ def test_rebat_attack_output_in_ball_and_box(threat):
     net = bn_net(7)
     out = rebat_attack(net, x, y, threat, dict(REBAT.defaults), generator=torch.Generator().manual_seed(8))
     d = out - x
-    if threat["norm"] == "linf":
-        assert float(d.abs().max()) <= threat["eps"] + 1e-12
+    if threat.norm == "linf":
+        assert float(d.abs().max()) <= threat.eps + 1e-12
     else:
-        assert float(d.norm(dim=1).max()) <= threat["eps"] + 1e-12
+        assert float(d.norm(dim=1).max()) <= threat.eps + 1e-12
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert float(d.abs().max()) > 0
     # deterministic given the generator
@@ -466,7 +466,7 @@ def test_rebat_attack_output_in_ball_and_box(threat):
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight averaging (REFERENCE.md 1.11 step 8)
+# Weight averaging (docs/faithfulness.md "Weight averaging")
 
 
 def wa_net(W1, gamma, b):
@@ -555,64 +555,56 @@ def test_weight_average_update_by_hand(d):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-epoch settings (REFERENCE.md 1.11 "Per epoch" and step 3, in 1-based epochs)
+# Per-epoch settings (docs/faithfulness.md "ReBAT and RPAT++" "Per epoch" and step 3, in 1-based epochs)
 
-THREAT = {"eps": 8 / 255, "step": 2 / 255, "steps": 10, "norm": "linf"}
+THREAT = Threat("linf", 8 / 255, 2 / 255, 10)
 
 
 def hp_with(**kw):
     return {**REBAT.defaults, **kw}
 
 
-def test_epoch_settings_warmup_gates_regulariser_and_decay():
+def test_epoch_plan_warmup_gates_regulariser_and_decay():
     hp = hp_with(warmup_epoch=5, decay=0.9)
-    teacher = object()
     for epoch in (1, 4):
-        threat_e, hp_e, decay = epoch_settings(THREAT, hp, epoch, teacher)
-        assert hp_e["reg_active"] is False and decay == 0.0
-        assert hp_e["teacher"] is teacher
-        assert threat_e == THREAT
+        plan = REBAT.epoch_plan(hp, THREAT, epoch)
+        assert plan.reg_active is False and plan.average_decay == 0.0
+        assert plan.threat == THREAT
     for epoch in (5, 6, 50):
-        _, hp_e, decay = epoch_settings(THREAT, hp, epoch, teacher)
-        assert hp_e["reg_active"] is True and decay == 0.9
-        assert hp_e["teacher"] is teacher
-    assert "teacher" not in hp and "reg_active" not in hp  # the input is not mutated
+        plan = REBAT.epoch_plan(hp, THREAT, epoch)
+        assert plan.reg_active is True and plan.average_decay == 0.9
+    assert hp == hp_with(warmup_epoch=5, decay=0.9)  # the input is not mutated
 
 
-def test_epoch_settings_reference_defaults():
-    # REFERENCE.md 1.11: d = 0.999 and beta on for 0-based epoch >= 105, i.e. rpat epoch >= 106.
+def test_epoch_plan_reference_defaults():
+    # The published code: d = 0.999 and beta on for 0-based epoch >= 105, i.e. rpat epoch >= 106.
     hp = hp_with()
-    _, hp_e, decay = epoch_settings(THREAT, hp, 105, object())
-    assert (hp_e["reg_active"], decay) == (False, 0.0)
-    _, hp_e, decay = epoch_settings(THREAT, hp, 106, object())
-    assert (hp_e["reg_active"], decay) == (True, 0.999)
+    plan = REBAT.epoch_plan(hp, THREAT, 105)
+    assert (plan.reg_active, plan.average_decay) == (False, 0.0)
+    plan = REBAT.epoch_plan(hp, THREAT, 106)
+    assert (plan.reg_active, plan.average_decay) == (True, 0.999)
     # stronger attack disabled by default: the threat never changes
     for epoch in (1, 101, 200):
-        assert epoch_settings(THREAT, hp, epoch, object())[0] == THREAT
+        assert REBAT.epoch_plan(hp, THREAT, epoch).threat == THREAT
 
 
-def test_epoch_settings_stronger_attack():
+def test_epoch_plan_stronger_attack():
     strong = {"enabled": True, "eps": 10 / 255, "steps": 12, "start_epoch": 101}
     hp = hp_with(stronger_attack=strong)
-    threat = dict(THREAT)
-    before = epoch_settings(threat, hp, 100, object())[0]
-    assert before == THREAT
+    assert REBAT.epoch_plan(hp, THREAT, 100).threat == THREAT
     for epoch in (101, 150):
-        after = epoch_settings(threat, hp, epoch, object())[0]
-        assert after == {"eps": 10 / 255, "step": 2 / 255, "steps": 12, "norm": "linf"}  # same step and norm
-    assert threat == THREAT  # not mutated
+        after = REBAT.epoch_plan(hp, THREAT, epoch).threat
+        assert after == Threat("linf", 10 / 255, 2 / 255, 12)  # same step and norm
+    assert THREAT == Threat("linf", 8 / 255, 2 / 255, 10)  # not mutated
     off = hp_with(stronger_attack={**strong, "enabled": False})
     for epoch in (100, 101, 150):
-        assert epoch_settings(threat, off, epoch, object())[0] == THREAT
+        assert REBAT.epoch_plan(off, THREAT, epoch).threat == THREAT
 
 
-def test_epoch_settings_without_teacher():
-    hp = {"beta": 6.0}
-    for epoch in (1, 106, 200):
-        threat_e, hp_e, decay = epoch_settings(THREAT, hp, epoch, None)
-        assert hp_e is hp and hp_e == {"beta": 6.0}
-        assert decay == 0.0
-        assert threat_e == THREAT
-    hp = hp_with(warmup_epoch=2)
-    _, hp_e, decay = epoch_settings(THREAT, hp, 5, None)
-    assert hp_e == hp and "reg_active" not in hp_e and "teacher" not in hp_e and decay == 0.0
+def test_methods_without_a_plan_keep_their_threat_and_no_average():
+    for name, obj in OBJECTIVES.items():
+        if obj.epoch_plan is constant_plan:
+            for epoch in (1, 106, 200):
+                plan = obj.epoch_plan(obj.defaults, THREAT, epoch)
+                assert (plan.threat, plan.reg_active, plan.average_decay) == (THREAT, True, 0.0)
+    assert OBJECTIVES["pgd_at"].epoch_plan is constant_plan and OBJECTIVES["pgd_at"].after_step is None

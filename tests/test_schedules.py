@@ -1,4 +1,4 @@
-"""Learning-rate schedules (REFERENCE.md 5.1, 5.2; DECISIONS.md item 10) against hand values and torch's schedulers.
+"""Learning-rate schedules (docs/faithfulness.md: "Optimiser and learning-rate schedules", D10) against hand values and torch's schedulers.
 
 rpat epochs are 1-based and ``fraction`` = (i+1)/n is the part of the epoch done after step i, exactly as
 rpat.train calls ``lr_at``. The reference's 0-based epoch e is rpat's epoch e + 1, so ReBAT's per-iteration
@@ -24,7 +24,7 @@ def test_known_names():
 
 
 def test_multistep_benchmarks_110_epochs():
-    # REFERENCE.md 5.1: E = 110 -> lr 0.1 (epochs 1-100), 0.01 (101-105), 0.001 (106-110), stepped per epoch.
+    # docs/faithfulness.md "Optimiser and learning-rate schedules": E = 110 -> lr 0.1 (epochs 1-100), 0.01 (101-105), 0.001 (106-110), stepped per epoch.
     for epoch in range(1, 111):
         expected = 0.1 if epoch <= 100 else (0.01 if epoch <= 105 else 0.001)
         for fraction in (1 / N, 0.5, 1.0):  # per epoch: the fraction does not matter
@@ -57,7 +57,7 @@ def test_constant():
 
 @pytest.mark.parametrize("epochs", [10, 110])
 def test_cosine_matches_torch_cosineannealinglr(epochs):
-    # REFERENCE.md 5.1: CosineAnnealingLR(T_max = E), stepped once per epoch after training.
+    # docs/faithfulness.md "Optimiser and learning-rate schedules": CosineAnnealingLR(T_max = E), stepped once per epoch after training.
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     for epoch in range(1, epochs + 1):
@@ -73,7 +73,7 @@ def test_cosine_matches_torch_cosineannealinglr(epochs):
 
 
 def ref_piecewise(t, lr_max=0.1, stage1=100, stage2=150, factor=1.5):
-    """ReBAT's lr_schedule(t) (REFERENCE.md 5.2)."""
+    """ReBAT's lr_schedule(t) (docs/faithfulness.md "Optimiser and learning-rate schedules")."""
     if t < stage1:
         return lr_max
     if t < stage2:

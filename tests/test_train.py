@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from rpat import checkpoint, config, evaluate, train
+from rpat import accuracy, checkpoint, config, evaluate, train
 
 TINY = {
     "experiment": "unit",
@@ -53,7 +53,7 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, method):
     straight = train.train_cell(cfg, cell, tmp_path / "straight")
 
     calls = {"n": 0}
-    real = evaluate.accuracies
+    real = accuracy.accuracies
 
     def dies_in_epoch_2(*args, **kwargs):
         calls["n"] += 1
@@ -61,11 +61,11 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, method):
             raise KeyboardInterrupt  # killed after epoch 2's training, before its state was saved
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "accuracies", dies_in_epoch_2)
+    monkeypatch.setattr(accuracy, "accuracies", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.train_cell(cfg, cell, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "state" / "last.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(evaluate, "accuracies", real)
+    monkeypatch.setattr(accuracy, "accuracies", real)
     resumed = train.train_cell(cfg, cell, tmp_path / "resumed")
 
     a = checkpoint.load(tmp_path / "straight" / "checkpoint-last.pt")["model"]

@@ -1,7 +1,7 @@
 """Model registry.
 
 Every model is registered once with :func:`register`; :func:`build` returns it wrapped in
-:class:`Normalized`, so attacks and AutoAttack always see inputs in [0, 1] (DECISIONS.md item 7).
+:class:`Normalized`, so attacks and AutoAttack always see inputs in [0, 1] (docs/faithfulness.md D7).
 
 A builder takes ``(num_classes, in_channels, image_size)`` and returns an ``nn.Module`` mapping
 normalised images to logits.
@@ -24,18 +24,20 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     description: str
     image_sizes: tuple[int, ...] | None  # None: any size
+    display: str = ""  # the paper's name (tables, plots)
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, image_sizes: Sequence[int] | None = None):
+def register(name: str, description: str, image_sizes: Sequence[int] | None = None, display: str = ""):
     """Register ``builder(num_classes, in_channels, image_size) -> nn.Module`` under ``name``."""
 
     def deco(builder):
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelSpec(name, builder, description, tuple(image_sizes) if image_sizes else None)
+        MODELS[name] = ModelSpec(name, builder, description, tuple(image_sizes) if image_sizes else None,
+                                 display or name)
         return builder
 
     return deco
@@ -76,6 +78,20 @@ def build(
     mean = list(mean) if mean is not None else [0.0] * in_channels
     std = list(std) if std is not None else [1.0] * in_channels
     return Normalized(net, mean, std)
+
+
+META_KEYS = ("model_name", "num_classes", "in_channels", "image_size", "mean", "std")
+
+
+def meta(name: str, *, num_classes: int, in_channels: int, image_size: int, mean, std) -> dict:
+    """What a checkpoint records to rebuild its model (:func:`build_from_meta`)."""
+    return {"model_name": name, "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+            "mean": list(mean), "std": list(std)}
+
+
+def build_from_meta(m: dict) -> Normalized:
+    return build(m["model_name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
+                 image_size=m["image_size"], mean=m["mean"], std=m["std"])
 
 
 def param_count(model: nn.Module) -> int:

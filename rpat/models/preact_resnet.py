@@ -1,11 +1,11 @@
-"""Pre-activation ResNet-18 as in the ReBAT / RPAT_SOTAs code (DECISIONS.md item 6, REFERENCE.md 3.2).
+"""Pre-activation ResNet-18 as in the ReBAT / RPAT_SOTAs code (docs/faithfulness.md: "Models", D6).
 
 ``preact_resnet18``: 3x3 stem conv (no BN), PreActBlocks [2, 2, 2, 2] (widths 64-128-256-512), final BN-ReLU,
 adaptive average pooling, Linear(512, C) named ``linear``. In a PreActBlock the identity shortcut adds the raw input
 and the projection shortcut (1x1 conv, no BN) reads the pre-activated input. 11,172,170 parameters for 10 classes.
 
 This is not the RPAT_Benchmarks ``pre_resnet18`` (no final BN-ReLU, stride-2 stem at every size, 11,171,274
-parameters), which REFERENCE.md 3.1 shows fails on 32x32 inputs.
+parameters), which docs/faithfulness.md "Models" shows fails on 32x32 inputs.
 
 Input size: the stem conv has stride 1 for images smaller than 64 and stride 2 for 64x64 and larger, so a 64x64 image
 gives the same feature-map sizes as a 32x32 one. Pooling is adaptive, so any size works; the parameter count does not
@@ -76,6 +76,7 @@ class PreActResNet(nn.Module):
 @register(
     "preact_resnet18",
     "PreActResNet-18 of the ReBAT/SOTAs code, final BN-ReLU (11,172,170 params for 10 classes)",
+    display="PreActResNet-18",
 )
 def preact_resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return PreActResNet([2, 2, 2, 2], num_classes, in_channels, stem_stride(image_size))

@@ -1,4 +1,4 @@
-"""ResNets for CIFAR-sized inputs (DECISIONS.md item 6, REFERENCE.md 3.1).
+"""ResNets for CIFAR-sized inputs (docs/faithfulness.md: "Models", D6).
 
 ``resnet18``: the real ResNet-18. BasicBlocks [2, 2, 2, 2] (widths 64-128-256-512), 3x3 stem conv + BN + ReLU,
 no max-pool, adaptive average pooling, Linear(512, C) named ``linear``. 11,173,962 parameters for 10 classes.
@@ -108,7 +108,8 @@ class ResNet(nn.Module):
         return self.linear(torch.flatten(self.pool(out), 1))
 
 
-@register("resnet18", "ResNet-18: BasicBlock [2,2,2,2], 3x3 stem, no max-pool (11,173,962 params for 10 classes)")
+@register("resnet18", "ResNet-18: BasicBlock [2,2,2,2], 3x3 stem, no max-pool (11,173,962 params for 10 classes)",
+          display="ResNet-18")
 def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, stem_stride(image_size))
 
@@ -116,6 +117,7 @@ def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
 @register(
     "resnet18_bottleneck",
     "the RPAT_Benchmarks 'resnet18': Bottleneck [2,2,2,2], 2048-d features (13,958,986 params for 10 classes)",
+    display="ResNet-18 (Bottleneck)",
 )
 def resnet18_bottleneck(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return ResNet(Bottleneck, [2, 2, 2, 2], num_classes, in_channels, stem_stride(image_size))

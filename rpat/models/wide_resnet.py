@@ -1,4 +1,4 @@
-"""Wide ResNets (DECISIONS.md item 6, REFERENCE.md 3.1 and 3.2).
+"""Wide ResNets (docs/faithfulness.md: "Models", D6).
 
 WRN-d-10: 3x3 stem conv 3->16, three groups of (d-4)/6 pre-activation blocks (BN-ReLU-conv3x3-BN-ReLU-conv3x3) with
 160, 320, 640 channels and strides 1, 2, 2, final BN-ReLU, adaptive average pooling, Linear(640, C) named ``fc``.
@@ -88,11 +88,13 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
-@register("wrn34_10", "WideResNet-34-10, pre-activation blocks, no dropout (46,160,474 params for 10 classes)")
+@register("wrn34_10", "WideResNet-34-10, pre-activation blocks, no dropout (46,160,474 params for 10 classes)",
+          display="WRN-34-10")
 def wrn34_10(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return WideResNet(34, 10, num_classes, in_channels, stem_stride(image_size))
 
 
-@register("wrn28_10", "WideResNet-28-10, pre-activation blocks, no dropout (36,479,194 params for 10 classes)")
+@register("wrn28_10", "WideResNet-28-10, pre-activation blocks, no dropout (36,479,194 params for 10 classes)",
+          display="WRN-28-10")
 def wrn28_10(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return WideResNet(28, 10, num_classes, in_channels, stem_stride(image_size))

@@ -6,6 +6,9 @@ import sys
 
 from rpat import config as rpat_config
 from rpat.catalog import catalog
+from rpat.cells import PATTERN, Cell
+from rpat.report import outputs as report_outputs
+from rpat.settings import fingerprint
 from rpat.tracking import init_store, tracking_uri
 
 # The default config applies only when no --configfile is given, so a second config replaces the
@@ -26,11 +29,13 @@ if rpat_config.parse_numbers(dict(config)) != CFG.raw:
 RESULTS = CFG.results_dir
 RUNS = f"{RESULTS}/runs"
 LOGS = f"{RESULTS}/logs"
-CELL_DIR = f"{RUNS}/{{dataset}}/{{model}}/{{norm}}/{{method}}/seed{{seed}}"
+CELL_DIR = f"{RUNS}/{PATTERN}"  # the one definition of a cell's directory (rpat/cells.py)
+CELL_LOG = f"{PATTERN}.log"
 CELLS = CFG.cells()
 RPAT = f"{shlex.quote(sys.executable)} -m rpat"
 CONFIG_ARG = " ".join(shlex.quote(p) for p in CONFIG_FILES)
 DATASETS_ON_DISK = set(catalog()["datasets_on_disk"])
+REPORT_OUTPUTS = [str(p) for p in report_outputs(CFG)]
 
 wildcard_constraints:
     dataset="[^/]+",
@@ -40,16 +45,22 @@ wildcard_constraints:
     seed="[0-9]+",
 
 
-@functools.cache
-def resolved_cell(cell):
-    """A cell's resolved settings, computed once per cell (every rule asks for several parts of them)."""
-    return CFG.resolve(cell)
-
-
 def cell_of(wildcards):
-    return rpat_config.Cell.parse(
-        f"{wildcards.dataset}/{wildcards.model}/{wildcards.norm}/{wildcards.method}/seed{wildcards.seed}"
-    )
+    return Cell.from_wildcards(wildcards)
+
+
+@functools.cache
+def _settings(cell):
+    return CFG.settings(cell)
+
+
+def settings_of(wildcards):
+    """A cell's typed settings, resolved once per cell (every rule asks for several parts of them)."""
+    return _settings(cell_of(wildcards))
+
+
+def cell_id(wildcards):
+    return cell_of(wildcards).id
 
 
 def cell_paths(filename):
@@ -57,21 +68,25 @@ def cell_paths(filename):
 
 
 def train_fingerprint(wildcards):
-    return rpat_config.fingerprint(rpat_config.train_settings(resolved_cell(cell_of(wildcards))))
+    return settings_of(wildcards).train_fingerprint
 
 
 def eval_fingerprint(wildcards):
-    resolved = resolved_cell(cell_of(wildcards))
-    return rpat_config.fingerprint({"eval": resolved["eval"], "train": train_fingerprint(wildcards)})
+    return settings_of(wildcards).eval_fingerprint
 
 
-def cell_resources(wildcards):
-    return rpat_config.resources_for(resolved_cell(cell_of(wildcards)))
+def run_dir_of(wildcards, output):
+    return os.path.dirname(output.record)
+
+
+def checkpoint_to_evaluate(wildcards, input):
+    """The checkpoint eval.checkpoint names (best or last)."""
+    return input[settings_of(wildcards).eval.checkpoint]
 
 
 def data_options_of(wildcards):
     cells = [c for c in CELLS if c.dataset == wildcards.dataset]
-    return rpat_config.fingerprint(resolved_cell(cells[0])["data"])
+    return fingerprint(_settings(cells[0]).data.options())
 
 
 def prepared_data(wildcards):
@@ -82,27 +97,19 @@ def prepared_data(wildcards):
 
 
 def threads_of(wildcards):
-    return cell_resources(wildcards)["cpus"]
+    return settings_of(wildcards).resources["cpus"]
 
 
 def gpus_of(wildcards):
-    return cell_resources(wildcards)["gpu"]
+    return settings_of(wildcards).resources["gpu"]
 
 
 def mem_mb_of(wildcards, attempt):
-    return cell_resources(wildcards)["mem_mb"] * attempt
+    return settings_of(wildcards).resources["mem_mb"] * attempt
 
 
 def runtime_of(wildcards, attempt):
-    return cell_resources(wildcards)["runtime"] * attempt
-
-
-# One table set for the whole grid, and one per named block when there are several (the paper's tables).
-TABLE_STEMS = ["summary"]
-if sum(1 for block in CFG.blocks() if block.get("name")) > 1:
-    TABLE_STEMS += [block["name"] for block in CFG.blocks() if block.get("name")]
-REPORT_OUTPUTS = [f"{RESULTS}/tables/{stem}.{ext}" for stem in TABLE_STEMS for ext in ("csv", "md", "tex")]
-REPORT_OUTPUTS += [f"{RESULTS}/plots/tradeoff.png", f"{RESULTS}/plots/tradeoff.pdf"]
+    return settings_of(wildcards).resources["runtime"] * attempt
 
 
 onstart:

@@ -8,7 +8,8 @@ rule evaluate:
     params:
         rpat=RPAT,
         configs=CONFIG_ARG,
-        cell=lambda w: cell_of(w).id,
+        cell=cell_id,
+        checkpoint=checkpoint_to_evaluate,
         settings=eval_fingerprint,
     threads: threads_of
     resources:
@@ -16,8 +17,9 @@ rule evaluate:
         mem_mb=mem_mb_of,
         runtime=runtime_of,
     log:
-        f"{LOGS}/evaluate/{{dataset}}/{{model}}/{{norm}}/{{method}}/seed{{seed}}.log",
+        f"{LOGS}/evaluate/{CELL_LOG}",
     conda:
         "../../environment.yml"
     shell:
-        "{params.rpat} evaluate --config {params.configs} --cell {params.cell} --threads {threads} > {log} 2>&1"
+        "{params.rpat} evaluate --config {params.configs} --cell {params.cell} --record {input.record}"
+        " --checkpoint {params.checkpoint} --out {output} --threads {threads} > {log} 2>&1"

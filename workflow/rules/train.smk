@@ -8,7 +8,8 @@ rule train:
     params:
         rpat=RPAT,
         configs=CONFIG_ARG,
-        cell=lambda w: cell_of(w).id,
+        cell=cell_id,
+        out=run_dir_of,
         settings=train_fingerprint,
     threads: threads_of
     resources:
@@ -16,8 +17,9 @@ rule train:
         mem_mb=mem_mb_of,
         runtime=runtime_of,
     log:
-        f"{LOGS}/train/{{dataset}}/{{model}}/{{norm}}/{{method}}/seed{{seed}}.log",
+        f"{LOGS}/train/{CELL_LOG}",
     conda:
         "../../environment.yml"
     shell:
-        "{params.rpat} train --config {params.configs} --cell {params.cell} --threads {threads} > {log} 2>&1"
+        "{params.rpat} train --config {params.configs} --cell {params.cell} --out {params.out}"
+        " --threads {threads} > {log} 2>&1"

@@ -1,4 +1,4 @@
-"""``rpat bench``: speed and memory numbers, as JSON lines and a table.
+"""``rpat bench`` (or ``python benchmarks/bench.py``): speed and memory numbers, as JSON lines and a table.
 
 Every comparison is a ratio measured in one run (medians over repeats, warm-up excluded), so a
 loaded machine shifts both sides alike. Lines (``name``, ``value``, ``unit`` + identifying settings):
@@ -14,6 +14,9 @@ loaded machine shifts both sides alike. Lines (``name``, ``value``, ``unit`` + i
   plan_paper_grid              seconds for ``snakemake -n`` on config/paper.yaml
   demo_wall                    seconds for the whole demo grid (``--demo`` only)
   peak_rss_train / peak_rss_eval    MB of host memory of a real demo-sized job (+ device MB on GPU)
+
+A benchmark that cannot measure (its command fails) says so on stderr and the run exits with code 1, after
+the other benchmarks have run; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -32,11 +35,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from rpat import attacks, data, models, objectives
+from rpat import data, models, objectives
 from rpat.averaging import WeightAverage
+from rpat.objectives import EpochPlan
+from rpat.settings import Threat
 from rpat.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class CannotMeasure(RuntimeError):
+    """A benchmark's command failed: no number for it."""
 
 
 def _sync(device: torch.device) -> None:
@@ -63,35 +72,33 @@ def _model(name: str, channels: int, size: int, device, channels_last=False):
     return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
-def make_train_step(objective_name: str, rpat: bool, model, x, y, threat: dict, precision: str = "float32"):
-    """One training step exactly as rpat.train runs it (attack, loss, backward, SGD, ReBAT's teacher)."""
+def make_train_step(objective_name: str, rpat: bool, model, x, y, threat: Threat, precision: str = "float32"):
+    """One training step exactly as rpat.train runs it (attack, loss, backward, SGD, the objective's hooks, the
+    weight average of methods that keep one), with the method's regulariser active."""
     obj = objectives.OBJECTIVES[objective_name]
     hp = dict(obj.defaults)
-    teacher = None
-    if obj.uses_teacher:
-        teacher = WeightAverage(model).eval()
-        hp.update(teacher=teacher, reg_active=True)
+    average = WeightAverage(model).eval() if obj.uses_teacher else None
     if obj.views == 2:
         x, y = torch.cat([x, x.flip(0)]), y.repeat(2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     rp = {"weight": 1.0, "clean_weight": 0.5} if rpat else None
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+    plan = EpochPlan(threat, reg_active=True, average_decay=obj.defaults.get("decay", 0.0))
 
     def step():
         model.train()
-        train_step(obj, model, opt, x, y, threat, hp, rp, amp=amp, teacher=teacher,
-                   decay=obj.defaults.get("decay", 0.0))
+        train_step(obj, model, opt, x, y, plan, hp, rp, amp=amp, average=average)
 
     return step
 
 
-def make_reference_step(model, x, y, threat: dict, rpat: bool):
+def make_reference_step(model, x, y, threat: Threat, rpat: bool):
     """The published Benchmarks code's PGD-AT(+RPAT) step, re-created from its specification: advertorch
     0.2.3's PGD (sum-reduced CE, ``loss.backward()`` into the parameters at every attack iteration, the
     perturbation updated through ``.data``), the model in eval mode for the attack, then the training
     forwards of adv_train(_ra).py and a ``.item()`` per step for logging."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    eps, alpha, iters = threat["eps"], threat["step"], threat["steps"]
+    eps, alpha, iters = threat.eps, threat.step, threat.steps
 
     def step():
         model.eval()
@@ -127,7 +134,7 @@ def bench_train_steps(out: Callable[[dict], None], *, model_name: str, batch: in
     torch.manual_seed(0)
     x = torch.rand(batch, channels, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    threat = {"eps": 8 / 255, "step": 2 / 255, "steps": steps, "norm": "linf"}
+    threat = Threat("linf", 8 / 255, 2 / 255, steps)
     result = {}
     for name in objectives_list:
         step_fns = {}
@@ -158,7 +165,7 @@ def bench_reference(out, *, model_name, batch, size, steps, repeats, device, our
     torch.manual_seed(0)
     x = torch.rand(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    threat = {"eps": 8 / 255, "step": 2 / 255, "steps": steps, "norm": "linf"}
+    threat = Threat("linf", 8 / 255, 2 / 255, steps)
     for rp in (False, True):
         ref_model = _model(model_name, 3, size, device)
         our_model = _model(model_name, 3, size, device)
@@ -180,14 +187,14 @@ def bench_eval(out, *, device, n: int, repeats: int) -> None:
     """Clean / PGD-20 / AutoAttack throughput, and the AutoAttack wrapper against pyautoattack directly."""
     from pyautoattack import AutoAttack
 
-    from rpat.evaluate import run_autoattack
+    from rpat.accuracy import accuracies
+    from rpat.autoattack import run_autoattack
 
     splits = data.load_splits("digits", {"val_size": 0})
     x, y = data.to_float(splits.test[0][:n]).to(device), splits.test[1][:n].to(device)
     model = _model("cnn", 1, 8, device).eval()
     batches = data.Batches(x, y, 500, device=device)
-    threat = {"eps": 0.2, "step": 0.05, "norm": "linf"}
-    from rpat.evaluate import accuracies
+    threat = Threat("linf", 0.2, 0.05, 20)
 
     t_clean = median_time(lambda: accuracies(model, batches, threat, steps=0), repeats, 1, device)
     t_pgd = median_time(lambda: accuracies(model, batches, threat, steps=20, with_clean=False), repeats, 1, device)
@@ -236,7 +243,7 @@ def _run_peak(cmd: list[str], cwd: Path) -> tuple[int, float]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+        raise CannotMeasure(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
     return proc.returncode, usage.ru_maxrss / 1024  # KB -> MB on Linux
 
 
@@ -260,10 +267,11 @@ def bench_jobs(out, *, demo: bool, quick: bool = False) -> None:
                                   "--configfile", str(ROOT / "config" / "paper.yaml")], cwd=tmp, capture_output=True,
                                  text=True)
             plans.append(time.perf_counter() - t0)
-        if res.returncode == 0:
-            jobs = re.search(r"^total\s+(\d+)$", res.stdout, re.M)
-            out({"name": "plan_paper_grid", "value": plans[1], "unit": "s", "first_run_s": plans[0],
-                 "jobs": int(jobs[1]) if jobs else None})
+        if res.returncode != 0:
+            raise CannotMeasure(f"plan_paper_grid: `snakemake -n` on config/paper.yaml failed:\n{res.stderr[-2000:]}")
+        jobs = re.search(r"^total\s+(\d+)$", res.stdout, re.M)
+        out({"name": "plan_paper_grid", "value": plans[1], "unit": "s", "first_run_s": plans[0],
+             "jobs": int(jobs[1]) if jobs else None})
         cfg = ROOT / "config" / "config.yaml"
         if quick:  # the demo's cell, shrunk to one epoch and 50 AutoAttack examples
             cfg = tmp / "quick.yaml"
@@ -280,8 +288,11 @@ def bench_jobs(out, *, demo: bool, quick: bool = False) -> None:
             cfg = ROOT / "config" / "config.yaml"
             (tmp / "demo").mkdir()
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"),
-                            "--configfile", str(cfg)], cwd=tmp / "demo", check=True, capture_output=True)
+            res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile",
+                                  str(ROOT / "Snakefile"), "--configfile", str(cfg)], cwd=tmp / "demo",
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                raise CannotMeasure(f"demo_wall: the demo grid failed:\n{res.stderr[-2000:]}")
             out({"name": "demo_wall", "value": time.perf_counter() - t0, "unit": "s", "cores": 2})
 
 
@@ -334,11 +345,21 @@ def main(argv: list[str] | None = None) -> int:
     if "reference" in sections:
         bench_reference(out, model_name="resnet18_bottleneck", batch=16, size=32, steps=10,
                         repeats=3 if device.type == "cpu" else 10, device=device)
+    failed = []
     if "jobs" in sections or args.demo:
-        bench_jobs(out, demo=args.demo, quick=args.quick)
+        try:
+            bench_jobs(out, demo=args.demo, quick=args.quick)
+        except CannotMeasure as e:
+            failed.append(str(e))
     if not args.json:
         print(f"\n{'name':<30} {'value':>12} {'unit':<8} settings", file=sys.stderr)
         for r in rows:
             settings = {k: v for k, v in r.items() if k not in ("name", "value", "unit")}
             print(f"{r['name']:<30} {r['value']:>12.4g} {r['unit']:<8} {json.dumps(settings)}", file=sys.stderr)
-    return 0
+    for msg in failed:
+        print(f"rpat bench: could not measure: {msg}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Training objectives and the RPAT term.
+
+An objective is two pure pieces:
+  * ``attack(model, x, y, threat, hp, generator) -> x_adv``: how it generates its training inputs;
+  * ``loss(model, x, y, x_adv, hp, ctx) -> LossOut``: the loss on given inputs, its named parts, and
+    the logits it computed (so RPAT can reuse them, docs/faithfulness.md "Forward passes and reused logits");
+plus optional per-epoch and per-step hooks (``epoch_plan``, ``after_step``) through which a method
+such as ReBAT changes its attack, switches its regulariser on, or touches BatchNorm statistics, so
+the training loop never names a method. ``compute_loss`` composes a baseline with the RPAT toggle.
+To evaluate any objective on precomputed adversarial inputs (no attack involved)::
+
+    from rpat.objectives import OBJECTIVES, compute_loss
+    loss, parts = compute_loss(OBJECTIVES["trades"], model, x, y, x_adv, hp={"beta": 6.0},
+                               rpat={"weight": 1.0, "clean_weight": 0.5})
+
+``model`` is any callable mapping a batch to logits; every forward is a separate call (BatchNorm
+batch statistics depend on the batch). ``hp`` holds the method's own hyperparameters (defaults in
+``Objective.defaults``); ``rpat=None`` turns RPAT off; methods with a weight-averaged teacher
+(ReBAT, RPAT++) take it as ``teacher=``.
+
+Notation: z(.) logits, CE mean cross-entropy, KL_bm(p||q) = (1/B) sum_i sum_c p_ic log(p_ic/q_ic),
+MSE mean over batch x classes.
+
+Registered objectives live in :mod:`rpat.objectives.baselines` and :mod:`rpat.objectives.rebat`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from rpat.settings import RpatSettings, Threat
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LossOut:
+    loss: Tensor
+    parts: dict[str, Tensor]
+    logits: dict[str, Tensor] = field(default_factory=dict)  # 'clean', 'adv' when computed
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a loss may need beyond its inputs: the weight-averaged teacher (no gradient) and whether the
+    method's regulariser is active in this epoch."""
+
+    teacher: Callable[[Tensor], Tensor] | None = None
+    reg_active: bool = True
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch's training settings as an objective plans them: the attack's threat model, whether its
+    regulariser is on, and the decay of the weight average (0: the average is a copy of the model)."""
+
+    threat: Threat
+    reg_active: bool = True
+    average_decay: float = 0.0
+
+
+def constant_plan(hp: Mapping, threat: Threat, epoch: int) -> EpochPlan:
+    return EpochPlan(threat)
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    description: str
+    attack: Callable[..., Tensor]
+    loss: Callable[..., LossOut]
+    defaults: dict = field(default_factory=dict)
+    supports_rpat: bool = True
+    views: int = 1  # augmented views per image in a batch (Consistency-AT: 2)
+    # A loss that *replaces* the baseline when RPAT is on, instead of adding the generic MSE term:
+    # rpat_loss(model, x, y, x_adv, hp, ctx, rpat) -> LossOut (RPAT++ replaces ReBAT's regulariser).
+    rpat_loss: Callable[..., LossOut] | None = None
+    uses_teacher: bool = False  # the loss needs a weight-averaged model (StepContext.teacher)
+    # Validation metric that picks the best checkpoint: 'pgd' (robust accuracy) for adversarial
+    # training, 'clean' for standard and noise training, whose robust accuracy is ~0 throughout.
+    select_on: str = "pgd"
+    epoch_plan: Callable[[Mapping, Threat, int], EpochPlan] = constant_plan
+    # after_step(model, x, hp, amp): called after each optimiser step (ReBAT: a clean train-mode forward)
+    after_step: Callable[..., None] | None = None
+    display: str = ""  # the paper's name (tables, plots)
+    rpat_display: str = ""  # the name with RPAT on (default: display + "+RPAT")
+
+    def label(self, rpat: bool) -> str:
+        """The name tables print for this objective with RPAT off or on."""
+        base = self.display or self.name
+        return (self.rpat_display or f"{base}+RPAT") if rpat else base
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(obj: Objective) -> Objective:
+    if obj.name in OBJECTIVES:
+        raise ValueError(f"objective {obj.name!r} is registered twice")
+    OBJECTIVES[obj.name] = obj
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# The RPAT term
+
+
+def rpat_term(z_mid: Tensor, z_clean: Tensor, z_adv: Tensor, clean_weight: float = 0.5) -> Tensor:
+    """MSE(z(x_mid), r z(x) + (1-r) z(x')) with x_mid = r x + (1-r) x', r = ``clean_weight``.
+
+    This is the released code's form (docs/faithfulness.md "The RPAT term"). The paper prints the slope
+    form MSE((z(x~)-z(x))/a, (z(x')-z(x~))/(1-a)) with a = 1-r the weight of the adversarial end;
+    code form = (a(1-a))^2 * slope form, i.e. 1/16 of it at r = 0.5. Nothing is detached.
+    """
+    target = clean_weight * z_clean + (1.0 - clean_weight) * z_adv
+    return F.mse_loss(z_mid, target)
+
+
+def interpolate(x: Tensor, x_adv: Tensor, clean_weight: float) -> Tensor:
+    """x_mid = r x + (1-r) x'."""
+    return clean_weight * x + (1.0 - clean_weight) * x_adv
+
+
+def kl_batchmean(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """KL_bm(softmax(p) || softmax(q)); gradients flow into both sides."""
+    return F.kl_div(F.log_softmax(q_logits, dim=1), F.softmax(p_logits, dim=1), reduction="batchmean")
+
+
+def compute_loss(
+    objective: Objective,
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    x_adv: Tensor,
+    hp: Mapping | None = None,
+    rpat: RpatSettings | Mapping | None = None,
+    *,
+    teacher: Callable[[Tensor], Tensor] | None = None,
+    reg_active: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Baseline loss, plus ``rpat.weight * rpat_term`` when ``rpat`` is given (a mapping's missing keys
+    take the defaults of :class:`rpat.settings.RpatSettings`).
+
+    Forward order follows the reference: the baseline's forwards, then x_mid, then a clean forward
+    only if the baseline did not compute one (PGD-AT, Consistency-AT).
+    Parts: the baseline's parts, ``rpat`` (unweighted), ``rpat_weighted``, and ``total``.
+    """
+    hp = {**objective.defaults, **(hp or {})}
+    rpat = RpatSettings.of(rpat)
+    ctx = StepContext(teacher=teacher, reg_active=reg_active)
+    if rpat is not None and not objective.supports_rpat:
+        raise ValueError(f"objective {objective.name!r} has no RPAT variant")
+    if rpat is not None and objective.rpat_loss is not None:
+        out = objective.rpat_loss(model, x, y, x_adv, hp, ctx, rpat)
+        return out.loss, {**out.parts, "total": out.loss}
+    out = objective.loss(model, x, y, x_adv, hp, ctx)
+    loss, parts = out.loss, dict(out.parts)
+    if rpat is not None:
+        r, lam = float(rpat.clean_weight), float(rpat.weight)
+        z_mid = model(interpolate(x, x_adv, r))
+        z_clean = out.logits["clean"] if "clean" in out.logits else model(x)
+        term = rpat_term(z_mid, z_clean, out.logits["adv"], r)
+        parts["rpat"] = term
+        parts["rpat_weighted"] = lam * term
+        loss = loss + lam * term
+    parts["total"] = loss
+    return loss, parts
+
+
+def objective_info() -> list[dict]:
+    return [
+        {"name": o.name, "display": o.label(False), "description": o.description, "defaults": o.defaults,
+         "supports_rpat": o.supports_rpat, "rpat_display": o.label(True) if o.supports_rpat else None,
+         "rpat_variant": "replaces the regulariser (RPAT++)" if o.rpat_loss else
+         ("adds lambda * MSE term" if o.supports_rpat else None),
+         "views": o.views, "uses_teacher": o.uses_teacher}
+        for o in OBJECTIVES.values()
+    ]
+
+
+# Importing the modules registers their objectives (after the definitions above, which they use).
+from rpat.objectives import baselines, rebat  # noqa: E402,F401
+from rpat.objectives.rebat import _guard_huge, rebat_attack, rebat_loss, rpat_plus_plus_loss  # noqa: E402,F401

@@ -1,0 +1,104 @@
+"""ReBAT (Wang et al.) and RPAT++ (ReBAT with its regulariser replaced by the robust-perception KL term).
+
+Both train on PGD examples generated with BatchNorm in train mode, keep a weight-averaged copy of the
+model as a teacher, and switch their regulariser on (and start averaging) at ``warmup_epoch``; the
+epoch plan and the after-step hook below carry that schedule, so the training loop stays generic.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from rpat import attacks
+from rpat.objectives import (EpochPlan, LossOut, Objective, StepContext, Tensor, interpolate, kl_batchmean,
+                             register)
+from rpat.settings import RpatSettings, Threat
+
+
+def rebat_attack(model, x, y, threat: Threat, hp: Mapping, generator=None) -> Tensor:
+    """PGD on mean CE with ReBAT's start (uniform in the ball), BatchNorm in ``hp['attack_bn']`` mode (train)."""
+    return attacks.pgd(model, x, y, eps=threat.eps, step=threat.step, steps=threat.steps, norm=threat.norm,
+                       loss="ce", init="ball", bn=hp.get("attack_bn", "train"), generator=generator)
+
+
+def rebat_epoch_plan(hp: Mapping, threat: Threat, epoch: int) -> EpochPlan:
+    """From ``warmup_epoch`` on, the regulariser is active and the average decays with ``decay`` (before it,
+    decay 0 keeps the average an exact copy); from ``stronger_attack.start_epoch`` on, the optional stronger
+    attack (eps, steps) replaces the threat model's training attack."""
+    stronger = hp.get("stronger_attack") or {}
+    if stronger.get("enabled") and epoch >= stronger["start_epoch"]:
+        threat = threat.replace(eps=stronger["eps"], steps=stronger["steps"])
+    active = epoch >= hp["warmup_epoch"]
+    return EpochPlan(threat, reg_active=active, average_decay=hp["decay"] if active else 0.0)
+
+
+def rebat_after_step(model, x: Tensor, hp: Mapping, amp) -> None:
+    """The published code's logging-only clean forward in train mode after each step: BatchNorm running
+    statistics see the clean batch (``clean_bn_forward``)."""
+    if hp["clean_bn_forward"]:
+        with torch.no_grad(), amp:
+            model(x)
+
+
+def _guard_huge(loss: Tensor, reg: Tensor) -> Tensor:
+    """A regulariser >= 1e10 makes the loss NaN, so the epoch-end check stops the run (the published code
+    silently dropped it, docs/faithfulness.md); no host synchronisation here."""
+    return torch.where(reg < 1e10, loss, torch.full_like(loss, float("nan")))
+
+
+def _teacher_regularised(model, x_adv, y, ctx: StepContext, weight: float, names: tuple[str, str],
+                         term: Callable[[Tensor], Tensor]) -> LossOut:
+    """CE(z(x'), y) + weight * term(z(x')) when the regulariser is active (the term under no_grad for the
+    teacher inside ``term``), else CE alone without calling the teacher."""
+    z_adv = model(x_adv)
+    ce = F.cross_entropy(z_adv, y)
+    parts, loss = {"ce": ce}, ce
+    if ctx.reg_active:
+        reg = term(z_adv)
+        loss = _guard_huge(ce + weight * reg, reg)
+        parts.update({names[0]: reg, names[1]: weight * reg})
+    return LossOut(loss, parts, {"adv": z_adv})
+
+
+def rebat_loss(model, x, y, x_adv, hp: Mapping, ctx: StepContext = StepContext()) -> LossOut:
+    """ReBAT: L = CE(z(x'), y) + beta KL_bm(softmax(w(x')) || softmax(z(x'))), w = ``ctx.teacher`` (the
+    weight-averaged model, no gradient); the KL term only when ``ctx.reg_active``."""
+
+    def term(z_adv):
+        with torch.no_grad():
+            w = ctx.teacher(x_adv)
+        return kl_batchmean(w, z_adv)
+
+    return _teacher_regularised(model, x_adv, y, ctx, float(hp["beta"]), ("rebat_kl", "rebat_kl_weighted"), term)
+
+
+def rpat_plus_plus_loss(model, x, y, x_adv, hp: Mapping, ctx: StepContext, rpat: RpatSettings) -> LossOut:
+    """RPAT++: ReBAT with its KL term replaced by the robust-perception KL term
+
+        L = CE(z(x'), y) + lam KL_bm( softmax(w(x_mid) - r w(x)) || softmax((1-r) z(x')) ),
+        x_mid = r x + (1-r) x',  r = rpat.clean_weight,  w = the weight-averaged teacher (no gradient).
+
+    Robust perception asks z(x_mid) ~ r z(x) + (1-r) z(x'): the teacher supplies z(x_mid) - r z(x),
+    the online model's (1-r) z(x') must match it. The published code writes it with the delta weight
+    a = 1-r (x + a delta, student a z, target minus (1-a) z(x)); identical at r = 0.5."""
+    r = float(rpat.clean_weight)
+
+    def term(z_adv):
+        with torch.no_grad():
+            u = ctx.teacher(x)
+            v = ctx.teacher(interpolate(x, x_adv, r))
+        return kl_batchmean(v - r * u, (1.0 - r) * z_adv)
+
+    return _teacher_regularised(model, x_adv, y, ctx, float(rpat.weight), ("rpat", "rpat_weighted"), term)
+
+
+register(Objective("rebat", "ReBAT (Wang et al.): PGD-AT + weight averaging + KL to the averaged model; "
+                   "+RPAT is RPAT++ (the KL term replaced by the robust-perception KL term)",
+                   rebat_attack, rebat_loss, rpat_loss=rpat_plus_plus_loss, uses_teacher=True,
+                   epoch_plan=rebat_epoch_plan, after_step=rebat_after_step, display="ReBAT", rpat_display="RPAT++",
+                   defaults={"beta": 1.0, "decay": 0.999, "warmup_epoch": 106, "attack_bn": "train",
+                             "clean_bn_forward": True,
+                             "stronger_attack": {"enabled": False, "eps": 10 / 255, "steps": 12, "start_epoch": 101}}))

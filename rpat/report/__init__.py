@@ -1,0 +1,54 @@
+"""Results -> the paper's tables and figures.
+
+Inputs are the cells' ``eval.json`` files (the source of truth). Outputs, under ``<results_dir>``
+(:func:`outputs` lists them, so the workflow declares exactly what :func:`write_report` writes):
+  tables/summary.csv   one row per cell: coordinates, every metric, what was evaluated
+  tables/summary.md    the paper's layout per dataset/model/norm: baseline, +RPAT and the difference,
+                       mean ± std over seeds, the paper's reported numbers beside ours where they exist
+  tables/summary.tex   the same in LaTeX (booktabs)
+  tables/<block>.*     the same per named grid block, when the config has several
+  plots/tradeoff.png   clean vs AA, an arrow from each baseline to its +RPAT run (and .pdf)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rpat.cells import block_cells, run_dir
+from rpat.report import plots, tables
+from rpat.report.tables import aggregate, collect, paper_numbers  # noqa: F401 - the report's API
+
+TABLE_FORMATS = ("csv", "md", "tex")
+
+
+def table_stems(cfg) -> list[str]:
+    """One table set for the whole grid, and one per named block when there are several (the paper's tables)."""
+    named = [b["name"] for b in cfg.blocks() if b.get("name")]
+    return ["summary"] + (named if len(named) > 1 else [])
+
+
+def outputs(cfg, out_dir: str | Path | None = None) -> list[Path]:
+    """Every file :func:`write_report` writes for ``cfg``."""
+    out = Path(out_dir or cfg.results_dir)
+    files = [out / "tables" / f"{stem}.{ext}" for stem in table_stems(cfg) for ext in TABLE_FORMATS]
+    return files + [out / "plots" / "tradeoff.png", out / "plots" / "tradeoff.pdf"]
+
+
+def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None = None) -> list[Path]:
+    out = Path(out_dir or cfg.results_dir)
+    if eval_files is None:
+        eval_files = [run_dir(cfg.results_dir, c) / "eval.json" for c in cfg.cells()]
+    files = [Path(f) for f in eval_files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing evaluation results: {', '.join(missing[:5])}"
+                                f"{' ...' if len(missing) > 5 else ''}; run the evaluate jobs first (snakemake)")
+    df = collect(files)
+    paper = paper_numbers()
+    written = tables.write_tables(df, out / "tables", "summary", cfg.experiment, paper)
+    for stem in table_stems(cfg)[1:]:
+        block = next(b for b in cfg.blocks() if b.get("name") == stem)
+        ids = {c.id for c in block_cells(block)}
+        written += tables.write_tables(df[df.cell.isin(ids)], out / "tables", stem, f"{cfg.experiment}: {stem}", paper)
+    written += plots.tradeoff(aggregate(df), out / "plots" / "tradeoff.png", cfg.experiment)
+    return written

@@ -1,0 +1,93 @@
+"""The config's JSON schema, completed from the registries, and validation messages that name the key.
+
+``rpat/config.schema.yaml`` holds the structure; the names a key may take (datasets, models, norms,
+methods, augmentations, schedules, BatchNorm modes) and the methods' hyperparameters are filled in from
+the registries' catalog, so a new registry entry is valid in configs without editing the schema.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from typing import Any, Iterator
+
+import yaml
+
+SECTIONS = ("data", "threat", "train", "methods", "rpat", "eval", "resources")
+
+
+def _schema_of(value: Any, key: str, bn_modes: list[str]) -> dict:
+    """A schema accepting values shaped like ``value`` (a method's default hyperparameter)."""
+    if key.endswith("_bn"):
+        return {"type": "string", "enum": bn_modes}
+    if isinstance(value, bool):
+        return {"type": "boolean"}
+    if isinstance(value, (int, float)):
+        return {"type": "number", "minimum": 0}
+    if isinstance(value, dict):
+        return {"type": "object", "additionalProperties": False,
+                "properties": {k: _schema_of(v, k, bn_modes) for k, v in value.items()}}
+    return {"type": "string"}
+
+
+def _enum(names) -> dict:
+    return {"type": "string", "enum": list(names)}
+
+
+def schema() -> dict:
+    """The JSON schema with the registries' names filled in."""
+    from rpat.catalog import catalog
+
+    cat = catalog()
+    s = yaml.safe_load(resources.files("rpat").joinpath("config.schema.yaml").read_text())
+    block = s["properties"]["grid"]["items"]["properties"]
+    for key, names in (("dataset", sorted(cat["datasets"])), ("model", sorted(cat["models"])),
+                       ("norm", cat["norms"]), ("method", sorted(cat["objectives"]))):
+        block[key] = {**block[key], "items": _enum(names)}
+    block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
+    sections = s["$defs"]["sections"]
+    sections["data"]["properties"]["augment"] = _enum(sorted(cat["augmentations"]))
+    sections["train"]["properties"]["schedule"]["properties"]["name"] = _enum(cat["schedules"])
+    sections["threat"]["properties"] = {norm: {"$ref": "#/$defs/threat"} for norm in cat["norms"]}
+    sections["methods"]["properties"] = {
+        name: _schema_of(o["defaults"], name, cat["bn_modes"]) for name, o in cat["objectives"].items() if o["defaults"]}
+    return s
+
+
+def _path(parts) -> str:
+    out = []
+    for p in parts:
+        out.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p)))
+    return "".join(out) or "<top level>"
+
+
+def _describe(error) -> str:
+    key = _path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"unknown key {', '.join(map(repr, extra))} in {key}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return f"{key}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
+    return f"{key}: {error.message}"
+
+
+def _non_finite(obj: Any, parts: tuple = ()) -> Iterator[str]:
+    """Keys holding NaN or ±Inf (JSON schema's bounds let NaN through: every comparison with it is false)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _non_finite(v, parts + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _non_finite(v, parts + (i,))
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        yield f"{_path(parts)}: {obj!r} is not a finite number; give a number such as 0.1 or 8/255"
+
+
+def problems(cfg: dict) -> list[str]:
+    """Every schema violation, each naming its key and the allowed values."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
+    return list(dict.fromkeys([*_non_finite(cfg), *(_describe(e) for e in errors)]))

@@ -1,0 +1,182 @@
+"""A cell's settings, resolved once into typed, frozen objects; their defaults are the embedded defaults.
+
+The defaults are the paper's Benchmarks recipe (docs/faithfulness.md): the config's sections override them,
+a grid block's ``set`` overrides those. ``rpat.config`` builds its ``DEFAULTS`` from the classes here, so
+every default exists once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from rpat.cells import Cell
+
+
+@dataclass(frozen=True)
+class Threat:
+    """The threat model a cell is trained and evaluated for: the ``norm`` ball of radius ``eps``; training
+    attacks take ``steps`` steps of size ``step``."""
+
+    norm: str
+    eps: float
+    step: float
+    steps: int
+
+    def replace(self, **changes) -> "Threat":
+        return replace(self, **changes)
+
+
+# Per-norm defaults (docs/faithfulness.md): Linf 8/255, step 2/255; L2 128/255, step 15/255; 10 steps.
+THREAT_DEFAULTS = {
+    "linf": {"eps": 8 / 255, "step": 2 / 255, "steps": 10},
+    "l2": {"eps": 128 / 255, "step": 15 / 255, "steps": 10},
+}
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    root: str = "data"
+    paths: dict = field(default_factory=dict)
+    download: bool = False
+    val_size: int = 1000
+    split_seed: int = 0
+    train_subset: int | None = None
+    augment: str = "crop_flip"
+    batch_size: int = 128
+    eval_batch_size: int = 500
+
+    def options(self) -> dict:
+        """The plain dict the data set loaders read."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 110
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: dict = field(default_factory=lambda: {"name": "multistep", "milestones": [100, 105], "gamma": 0.1})
+    select: str = "val"
+    val_attack_steps: int = 10
+    device: str = "auto"
+    threads: int | None = None
+    precision: str = "float32"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class RpatSettings:
+    """λ (``weight``), r (``clean_weight``: x_mid = r x + (1-r) x', the weight of the clean end) and the
+    first epoch with the term."""
+
+    weight: float = 1.0
+    clean_weight: float = 0.5
+    start_epoch: int = 1
+
+    @classmethod
+    def of(cls, given: "RpatSettings | Mapping | None") -> "RpatSettings | None":
+        """Settings from a partial mapping (missing keys take the defaults); None stays None (RPAT off)."""
+        if given is None or isinstance(given, RpatSettings):
+            return given
+        return cls(**given)
+
+
+@dataclass(frozen=True)
+class AutoAttackSettings:
+    enabled: bool = True
+    version: str = "standard"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    checkpoint: str = "best"
+    n_examples: int | None = None
+    batch_size: int = 500
+    pgd_steps: int = 20
+    cw_steps: int = 30
+    autoattack: AutoAttackSettings = field(default_factory=AutoAttackSettings)
+
+
+RESOURCE_DEFAULTS = {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
+
+# Keys that change where and how fast a job runs, not what it computes. (channels_last and compile
+# reorder float sums, so they stay in the fingerprint: a resumed run never mixes the two.)
+SPEED_ONLY = ("device", "threads")
+
+
+def defaults_of(cls) -> dict:
+    """A settings class's defaults as a plain dict (nested settings included)."""
+    return asdict(cls())
+
+
+def build(cls, values: Mapping):
+    """``cls(**values)``, building nested settings classes from their dicts."""
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        default = f.default_factory() if callable(f.default_factory) else None
+        kwargs[f.name] = build(type(default), v) if is_dataclass(default) and isinstance(v, Mapping) else v
+    return cls(**kwargs)
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CellSettings:
+    """Everything one cell's jobs need, resolved once (``Config.settings(cell)``)."""
+
+    cell: Cell
+    experiment: str
+    data: DataSettings
+    threat: Threat
+    train: TrainSettings
+    method: Mapping[str, Any]  # the objective's hyperparameters, defaults filled in
+    rpat: RpatSettings | None  # None: RPAT off for this cell
+    eval: EvalSettings
+    resources: Mapping[str, Any]
+    resolved: dict  # the same, as the plain dict that train.json and MLflow's params record
+
+    @classmethod
+    def from_resolved(cls, cell: Cell, resolved: dict, resources: Mapping) -> "CellSettings":
+        return cls(
+            cell=cell,
+            experiment=resolved["experiment"],
+            data=build(DataSettings, resolved["data"]),
+            threat=Threat(norm=cell.norm, **resolved["threat"][cell.norm]),
+            train=build(TrainSettings, resolved["train"]),
+            method=MappingProxyType(dict(resolved["methods"].get(cell.method, {}))),
+            rpat=build(RpatSettings, resolved["rpat"]) if cell.rpat else None,
+            eval=build(EvalSettings, resolved["eval"]),
+            resources=MappingProxyType(dict(resources)),
+            resolved=resolved,
+        )
+
+    def training_part(self) -> dict:
+        """What determines a cell's training (not its evaluation, resources or speed-only keys)."""
+        r = self.resolved
+        keys = {"cell": r["cell"], "data": r["data"], "threat": r["threat"][self.cell.norm],
+                "train": {k: v for k, v in r["train"].items() if k not in SPEED_ONLY},
+                "method": r["methods"].get(self.cell.method, {})}
+        if self.cell.rpat:
+            keys["rpat"] = r["rpat"]
+        return keys
+
+    @property
+    def train_fingerprint(self) -> str:
+        return fingerprint(self.training_part())
+
+    @property
+    def eval_fingerprint(self) -> str:
+        return fingerprint({"eval": self.resolved["eval"], "train": self.train_fingerprint})
