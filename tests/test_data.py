@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from rpat import data as D
+from rpat.data import augment, folders, tinyimagenet
 from rpat.data import (
     AUGMENTATIONS,
     DATASETS,
@@ -16,6 +17,7 @@ from rpat.data import (
     prepare_tinyimagenet,
     random_crop_flip,
 )
+from rpat.errors import DataProblem
 
 # ---------------------------------------------------------------------------------------------
 # registry
@@ -135,7 +137,7 @@ def test_autoaugment_cutout_shape_dtype_range_determinism():
 def test_autoaugment_cutout_zeroes_a_square(monkeypatch):
     # No crop (its zero padding would add zeros); on a mid-grey image no AutoAugment op of the CIFAR-10
     # policy yields 0 (fill is 128), so the only zeros are Cutout's square.
-    monkeypatch.setattr(D, "random_crop_flip", lambda x, generator=None: x)
+    monkeypatch.setattr(augment, "random_crop_flip", lambda x, generator=None: x)
     x = torch.full((32, 3, 32, 32), 128 / 255)
     out = autoaugment_cutout(x, _gen(0))
     for img in out:
@@ -168,7 +170,6 @@ def test_batches_cover_every_example_once_per_epoch():
         ys = torch.cat([b[1] for b in batches])
         assert torch.equal(ys.sort().values, y)
         assert torch.equal(torch.cat([b[0] for b in batches]).flatten(), ys.float())  # x stays with its y
-    assert len(Batches(x, y, 3, drop_last=True)) == 3
 
 
 def test_batches_two_views_double_the_batch():
@@ -259,7 +260,7 @@ def test_imagefolder_loads_and_second_load_hits_cache(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(D, "_decode_files", no_decoding)
+    monkeypatch.setattr(folders, "_decode_files", no_decoding)
     again = DATASETS["imagefolder"].load(options)
     assert torch.equal(again.train[0], data.train[0]) and torch.equal(again.test[1], data.test[1])
 
@@ -388,9 +389,8 @@ def test_cifar10_jpeg_archive(cifar10_jpeg_root):
     assert (len(s.train[1]), len(s.val[1]), len(s.test[1])) == (49_000, 1000, 10_000)
 
 
-def test_tinyimagenet_download_unpacks_and_lays_out(tmp_path, monkeypatch):
+def _fake_tiny_zip(tmp_path) -> bytes:
     import io
-    import urllib.request
     import zipfile
 
     src = tmp_path / "src" / "tiny-imagenet-200"
@@ -399,13 +399,30 @@ def test_tinyimagenet_download_unpacks_and_lays_out(tmp_path, monkeypatch):
     with zipfile.ZipFile(buf, "w") as z:
         for p in sorted(src.rglob("*")):
             z.write(p, p.relative_to(src.parent).as_posix())
+    return buf.getvalue()
+
+
+def test_tinyimagenet_download_unpacks_and_lays_out(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import urllib.request
+
+    body = _fake_tiny_zip(tmp_path)
     requested = []
 
-    def fake_urlopen(url, timeout=None):
-        requested.append(url)
-        return io.BytesIO(buf.getvalue())
+    class Response(io.BytesIO):
+        def __init__(self, url):
+            super().__init__(body)
+            self.url, self.length = url, len(body)
+
+    def fake_urlopen(request, timeout=None):
+        url = getattr(request, "full_url", request)
+        if getattr(request, "headers", {}).get("Method") != "HEAD":  # torchvision first asks for redirects
+            requested.append(url)
+        return Response(url)
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(tinyimagenet, "TINYIMAGENET_MD5", hashlib.md5(body).hexdigest())  # this fake's checksum
     root = tmp_path / "tinyimagenet"
     with pytest.warns(UserWarning, match="downloading"):
         data_dir = prepare_tinyimagenet(root, download=True)
@@ -414,3 +431,24 @@ def test_tinyimagenet_download_unpacks_and_lays_out(tmp_path, monkeypatch):
     assert (data_dir / "val" / "n02" / "images" / "val_3.JPEG").is_file()
     assert sorted(p.name for p in root.iterdir()) == ["tiny-imagenet-200"]  # no zip, part or staging left
     assert prepare_tinyimagenet(root, download=True) == data_dir and len(requested) == 1
+
+
+def test_tinyimagenet_refuses_an_archive_with_the_wrong_checksum(tmp_path, monkeypatch):
+    import hashlib
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the local archive must be checked, not downloaded again")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    body = _fake_tiny_zip(tmp_path)  # a valid zip, but not the official one
+    root = tmp_path / "tinyimagenet"
+    root.mkdir()
+    (root / "tiny-imagenet-200.zip").write_bytes(body)
+    with pytest.raises(DataProblem) as err:
+        prepare_tinyimagenet(root, download=True)
+    msg = str(err.value)
+    assert str(root / "tiny-imagenet-200.zip") in msg
+    assert f"MD5 {hashlib.md5(body).hexdigest()}" in msg and "expected 90528d7ca1a48142e341f4ef8d21d0de" in msg
+    assert "delete it" in msg and "data.download: true" in msg and D.TINYIMAGENET_URL in msg
+    assert not (root / "tiny-imagenet-200").exists()  # nothing unpacked
