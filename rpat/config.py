@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "val_size": 1000,
         "split_seed": 0,
         "train_subset": None,
+        "subset": "stratified",
         "augment": "crop_flip",
         "batch_size": 128,
         "eval_batch_size": 500,
@@ -64,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
     "eval": {
         "checkpoint": "best",
         "n_examples": None,
+        "subset": "stratified",
+        "subset_seed": 0,
         "batch_size": 500,
         "pgd_steps": 20,
         "cw_steps": 30,

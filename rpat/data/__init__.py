@@ -15,7 +15,9 @@ PIL and cached as a ``.pt`` file under ``<dataset root>/.rpat-cache/`` (see
 :func:`rpat.data.folders.decode_imagefolder`).
 
 Modules: ``digits``, ``cifar``, ``tinyimagenet``, ``imagefolder`` (one per data source), ``folders``
-(image-folder decoding and its cache), ``augment`` (batch augmentations), ``batches`` (the loader).
+(image-folder decoding and its cache), ``subsets`` (seeded permutations and representative subsets,
+also of the test set for evaluation: :func:`eval_subset`), ``augment`` (batch augmentations),
+``batches`` (the loader).
 
 Keys of the run's ``data`` config section read here:
 
@@ -25,8 +27,8 @@ Keys of the run's ``data`` config section read here:
   internet when they are absent. Never on by default: offline machines get a clear error instead.
 - ``cache`` (default ``true``): cache decoded image folders under ``<dataset root>/.rpat-cache/``.
 - ``decode_workers`` (default ``min(8, cpu count)``): processes used to decode image folders (1 = no pool).
-- ``val_size`` (default 1000), ``split_seed`` (default 0), ``train_subset`` (default none): see
-  :func:`load_splits`.
+- ``val_size`` (default 1000), ``split_seed`` (default 0), ``train_subset`` (default none), ``subset``
+  (default ``stratified``): see :func:`load_splits`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from rpat.data.subsets import SUBSETS, draw_subset, eval_subset, first_n, seeded_permutation, stratified_subset
 from rpat.errors import UnknownName
 
 
@@ -104,12 +107,6 @@ def dataset_root(options: dict, name: str) -> Path:
     return Path(options.get("root", "data")).expanduser() / name
 
 
-def seeded_permutation(n: int, seed: int) -> torch.Tensor:
-    """``torch.randperm(n)`` from a fresh CPU generator seeded with ``seed``: the same on every machine."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g)
-
-
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise UnknownName(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
@@ -136,18 +133,35 @@ def prepare(name: str, options: dict) -> dict:
             "num_classes": loaded.num_classes, "image_size": loaded.image_size}
 
 
-def load_splits(name: str, options: dict) -> Splits:
-    """Load ``name`` and hold out ``options['val_size']`` training images (seed ``split_seed``)."""
-    data = _spec(name).load(options)
-    x, y = data.train
+def _split_indices(y: torch.Tensor, options: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted ``(train, val)`` indices into the training set with labels ``y`` (see :func:`load_splits`)."""
     val_size = int(options.get("val_size", 1000))
     if not 0 <= val_size < len(y):
         raise ValueError(f"data.val_size={val_size} must be in [0, {len(y)}) for dataset {name!r}")
-    perm = seeded_permutation(len(y), int(options.get("split_seed", 0)))
+    seed = int(options.get("split_seed", 0))
+    perm = seeded_permutation(len(y), seed)
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     subset = options.get("train_subset")
     if subset:
-        train_idx = train_idx[: int(subset)]
+        what = f"the training set of {name!r} after holding out data.val_size={val_size}"
+        pick = draw_subset(y[train_idx], int(subset), options.get("subset", "stratified"), seed,
+                           key="data.train_subset", what=what)
+        train_idx = train_idx[pick]
+    return train_idx, val_idx
+
+
+def load_splits(name: str, options: dict) -> Splits:
+    """Load ``name``, hold out a validation split and optionally keep a subset of the rest for training.
+
+    The validation split is ``data.val_size`` training images at the head of a permutation seeded by
+    ``data.split_seed`` (a uniform draw, so already representative). ``data.train_subset: n`` then keeps
+    ``n`` of the remaining images, drawn by ``data.subset``: ``stratified`` (default; each class in
+    proportion, seeded by ``data.split_seed``, see :func:`rpat.data.subsets.stratified_subset`) or
+    ``first`` (the first ``n`` in file order). The test split is the dataset's own, whole.
+    """
+    data = _spec(name).load(options)
+    x, y = data.train
+    train_idx, val_idx = _split_indices(y, options, name)
     test_x, test_y = data.test
     return Splits(
         train=(x[train_idx], y[train_idx]),
@@ -178,8 +192,9 @@ from rpat.data.batches import Batches, to_float  # noqa: E402
 __all__ = [
     "AUGMENTATIONS", "Augment", "Batches", "CACHE_DIRNAME", "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN",
     "CIFAR10_STD", "DATASETS", "DIGITS_SPLIT_SEED", "DIGITS_TEST_SIZE", "DatasetSpec", "IMG_EXTENSIONS", "Loaded",
-    "Splits", "TINYIMAGENET_MD5", "TINYIMAGENET_MEAN", "TINYIMAGENET_STD", "TINYIMAGENET_URL",
-    "autoaugment_cutout", "cutout", "dataset_info", "dataset_root", "decode_imagefolder", "load_cifar10",
-    "load_cifar100", "load_digits", "load_imagefolder", "load_splits", "load_tinyimagenet", "prepare",
-    "prepare_tinyimagenet", "random_crop_flip", "register", "seeded_permutation", "to_float",
+    "SUBSETS", "Splits", "TINYIMAGENET_MD5", "TINYIMAGENET_MEAN", "TINYIMAGENET_STD", "TINYIMAGENET_URL",
+    "autoaugment_cutout", "cutout", "dataset_info", "dataset_root", "decode_imagefolder", "draw_subset",
+    "eval_subset", "first_n", "load_cifar10", "load_cifar100", "load_digits", "load_imagefolder", "load_splits",
+    "load_tinyimagenet", "prepare", "prepare_tinyimagenet", "random_crop_flip", "register", "seeded_permutation",
+    "stratified_subset", "to_float",
 ]
