@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 from rpat.data.subsets import SUBSETS, draw_subset, eval_subset, first_n, seeded_permutation, stratified_subset
-from rpat.errors import UnknownName
+from rpat.errors import DataProblem, UnknownName
 
 
 @dataclass
@@ -137,7 +137,10 @@ def _split_indices(y: torch.Tensor, options: dict, name: str) -> tuple[torch.Ten
     """Sorted ``(train, val)`` indices into the training set with labels ``y`` (see :func:`load_splits`)."""
     val_size = int(options.get("val_size", 1000))
     if not 0 <= val_size < len(y):
-        raise ValueError(f"data.val_size={val_size} must be in [0, {len(y)}) for dataset {name!r}")
+        raise DataProblem(
+            f"data.val_size={val_size}, but the training set of {name!r} holds {len(y)} examples and at least one "
+            f"must remain for training. To fix: set data.val_size below {len(y)} (0 for no validation split)."
+        )
     seed = int(options.get("split_seed", 0))
     perm = seeded_permutation(len(y), seed)
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values

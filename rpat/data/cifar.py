@@ -47,10 +47,10 @@ def _load_cifar(options: dict, name: str, tv_class: str, base_folder: str, num_c
         kw = folder_options(options, root)
         x, y, classes = decode_imagefolder(root / "train", image_size=32, **kw)
         if len(classes) != num_classes:
-            raise ValueError(f"{name}: {root / 'train'} has {len(classes)} class folders, expected {num_classes}")
+            raise DataProblem(f"{name}: {root / 'train'} has {len(classes)} class folders, expected {num_classes}")
         tx, ty, _ = decode_imagefolder(root / "test", classes=classes, image_size=32, **kw)
     else:
-        raise FileNotFoundError(
+        raise DataProblem(
             f"{name}: no data in {root} (looked for torchvision's {tv_dir}/ and for an image folder "
             f"{root}/train/<class>/ + {root}/test/<class>/). To fix: set data.download: true on a machine with "
             f"internet (torchvision downloads it into {root}); or put torchvision's {base_folder}/ or an image-folder "

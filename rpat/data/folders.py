@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 
+from rpat.errors import DataProblem
 from rpat.runtime import atomic_write
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -20,6 +22,7 @@ CACHE_DIRNAME = ".rpat-cache"
 _CACHE_VERSION = 1
 _POOL_MIN_FILES = 2000  # below this a plain loop is faster than starting a process pool
 _CHUNK = 1000  # files per pool task
+_BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # PIL's ways to fail on bad bytes
 _RESIZE_HINT = (
     "every image of a dataset must be square and of one size; resize them first, e.g. with ImageMagick "
     "`mogrify -resize 32x32! <folder>/*/*.png` or PIL's Image.resize"
@@ -52,18 +55,37 @@ def _default_workers() -> int:
     return max(1, min(8, n))
 
 
-def _decode_chunk(args: tuple[list[str], tuple[int, int]]):
-    """Decode ``paths`` (all of size ``(h, w)``) to an (n, h, w, 3) uint8 array. Runs in pool workers."""
+def _unreadable(path, e: Exception) -> DataProblem:
+    reason = " ".join(str(e).replace(f" '{path}'", "").split()) or type(e).__name__  # the path is said once
+    return DataProblem(
+        f"{path}: not a readable image ({reason}). To fix: replace this file with an intact copy (e.g. extract "
+        f"the data set again) or delete it."
+    )
+
+
+def _read_rgb(path: str, size: tuple[int, int]):
+    """``path`` as an (h, w, 3) uint8 array; a DataProblem naming the file if it is unreadable or not ``size``."""
     import numpy as np
-    from PIL import Image
+
+    h, w = size
+    try:
+        with Image.open(path) as im:
+            if im.size != (w, h):
+                raise DataProblem(f"{path}: image is {im.size[0]}x{im.size[1]}, expected {w}x{h}; {_RESIZE_HINT}")
+            return np.asarray(im.convert("RGB"))
+    except _BAD_IMAGE as e:
+        raise _unreadable(path, e) from None
+
+
+def _decode_chunk(args: tuple[list[str], tuple[int, int]]):
+    """Decode ``paths`` (all of size ``(h, w)``) to an (n, h, w, 3) uint8 array. Runs in pool workers, whose
+    exceptions (DataProblem, naming the file) are re-raised in the parent."""
+    import numpy as np
 
     paths, (h, w) = args
     out = np.empty((len(paths), h, w, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        with Image.open(path) as im:
-            if im.size != (w, h):
-                raise ValueError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected {w}x{h}; {_RESIZE_HINT}")
-            out[i] = np.asarray(im.convert("RGB"))
+        out[i] = _read_rgb(path, (h, w))
     return out
 
 
@@ -99,10 +121,16 @@ def _list_images(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[
     for i, c in enumerate(classes):
         if (split_dir / c).is_dir():
             found = _image_files(split_dir / c)
+            if not found:
+                raise DataProblem(
+                    f"class folder {split_dir / c} holds no images ({', '.join(IMG_EXTENSIONS)}), so class {c!r} "
+                    f"would have no examples. To fix: put its images there, or delete the folder if {c!r} is "
+                    f"not a class of this data set."
+                )
             files.extend(found)
             labels.extend([i] * len(found))
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}/<class>/")
+        raise DataProblem(f"no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}/<class>/")
     return files, labels
 
 
@@ -144,12 +172,13 @@ def _write_cache(cache_path: Path, stem: str, blob: dict) -> None:
 
 
 def _first_image_size(path: Path) -> int:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        w, h = im.size
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except _BAD_IMAGE as e:
+        raise _unreadable(path, e) from None
     if w != h:
-        raise ValueError(f"{path}: image is {w}x{h}, not square; {_RESIZE_HINT}")
+        raise DataProblem(f"{path}: image is {w}x{h}, not square; {_RESIZE_HINT}")
     return w
 
 
@@ -166,7 +195,8 @@ def decode_imagefolder(
     Images are converted to RGB (as torchvision's ImageFolder does). ``classes`` fixes the class list and
     its order (label = index; folders not in it are ignored); by default the sorted sub-folders. All
     images must be ``image_size`` square, or, when ``image_size`` is None, square and of the first
-    image's size; otherwise a ValueError names the offending file.
+    image's size; otherwise a DataProblem names the offending file, as it does for an unreadable
+    (corrupt, truncated) image and for a class folder without images.
 
     With ``cache_dir`` the tensors are saved there once (atomically) and reloaded on later calls. The
     cache key covers the resolved folder path, the class list and every file's relative path, size and
@@ -174,10 +204,10 @@ def decode_imagefolder(
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"image folder {split_dir} does not exist")
+        raise DataProblem(f"image folder {split_dir} does not exist")
     classes = list(classes) if classes is not None else class_dirs(split_dir)
     if not classes:
-        raise FileNotFoundError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image files>")
+        raise DataProblem(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image files>")
     files, labels = _list_images(split_dir, classes)
 
     if cache_dir is not None:

@@ -63,7 +63,7 @@ def _download_tinyimagenet(root: Path) -> Path:
     zip_path = _fetch_archive(root)
     target = root / "tiny-imagenet-200"
     if target.exists():
-        raise FileExistsError(f"{target} exists but has no train/ and val/; move it away and run again")
+        raise DataProblem(f"{target} exists but has no train/ and val/; move it away and run again")
     staging = root / ".tiny-imagenet-200.extracting"
     if staging.exists():  # left by an interrupted run
         shutil.rmtree(staging)
@@ -99,7 +99,7 @@ def _layout_tinyimagenet_val(val_dir: Path) -> None:
                 if not dst.exists():
                     raise
         elif not dst.exists():
-            raise FileNotFoundError(f"{src}: listed in {ann} but missing (and not at {dst}); re-extract the dataset")
+            raise DataProblem(f"{src}: listed in {ann} but missing (and not at {dst}); re-extract the dataset")
     try:
         flat.rmdir()
     except OSError:
@@ -120,7 +120,7 @@ def prepare_tinyimagenet(root: Path, download: bool) -> Path:
     data_dir = _tinyimagenet_dir(root)
     if data_dir is None:
         if not download:
-            raise FileNotFoundError(
+            raise DataProblem(
                 f"tinyimagenet: expected {root}/train/<wnid>/images/*.JPEG and {root}/val/ (or the same under "
                 f"{root}/tiny-imagenet-200/). To fix: set data.download: true on a machine with internet (fetches "
                 f"{TINYIMAGENET_URL}); or unzip that file into {root}; or point data.paths.tinyimagenet at the "
@@ -136,16 +136,18 @@ def load_tinyimagenet(options: dict) -> Loaded:
     data_dir = prepare_tinyimagenet(dataset_root(options, "tinyimagenet"), bool(options.get("download", False)))
     classes = class_dirs(data_dir / "train")  # sorted wnids, as ImageFolder
     if len(classes) != 200:
-        raise ValueError(f"tinyimagenet: {data_dir / 'train'} has {len(classes)} class folders, expected 200")
+        raise DataProblem(
+            f"tinyimagenet: {data_dir / 'train'} has {len(classes)} class folders, expected 200; re-extract the "
+            f"dataset ({TINYIMAGENET_URL})"
+        )
     kw = folder_options(options, data_dir)
-    x, y, _ = decode_imagefolder(data_dir / "train", classes=classes, image_size=64, **kw)
-    try:
-        tx, ty, _ = decode_imagefolder(data_dir / "val", classes=classes, image_size=64, **kw)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
+    if not any((data_dir / "val" / c).is_dir() for c in classes):
+        raise DataProblem(
             f"tinyimagenet: no val images under {data_dir / 'val'}/<wnid>/; the val split needs "
-            f"val/val_annotations.txt + val/images/ (the official zip) or a val/<wnid>/ layout ({e})"
-        ) from e
+            f"val/val_annotations.txt + val/images/ (the official zip) or a val/<wnid>/ layout"
+        )
+    x, y, _ = decode_imagefolder(data_dir / "train", classes=classes, image_size=64, **kw)
+    tx, ty, _ = decode_imagefolder(data_dir / "val", classes=classes, image_size=64, **kw)
     return Loaded(
         train=(x, y), test=(tx, ty), num_classes=200, mean=list(TINYIMAGENET_MEAN), std=list(TINYIMAGENET_STD), classes=classes
     )
