@@ -159,5 +159,6 @@ def test_subset_keys_have_defaults_and_schema_enums():
                             "eval": {"subset": "first", "subset_seed": 3}})
     resolved = cfg.resolve(cfg.cells()[0])
     assert resolved["data"]["subset"] == "first" and resolved["eval"]["subset_seed"] == 3
-    with pytest.raises(config.ConfigError, match="data.subset: 'random' is not allowed; allowed values: stratified, first"):
+    allowed = "data.subset: 'random' is not allowed; allowed values: stratified, first"
+    with pytest.raises(config.ConfigError, match=allowed):
         config.from_dict({"experiment": "x", "grid": grid, "data": {"subset": "random"}})
