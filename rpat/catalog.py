@@ -41,6 +41,7 @@ def build() -> dict:
         "norms": list(attacks.NORMS),
         "bn_modes": list(attacks.BN_MODES),
         "augmentations": sorted(data.AUGMENTATIONS),
+        "subsets": list(data.SUBSETS),
         "schedules": list(schedules.SCHEDULES),
         "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat, "display": o.label(False),
                               "rpat_display": o.label(True)} for name, o in objectives.OBJECTIVES.items()},

@@ -47,6 +47,8 @@ def schema() -> dict:
     block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
     sections = s["$defs"]["sections"]
     sections["data"]["properties"]["augment"] = _enum(sorted(cat["augmentations"]))
+    for section in ("data", "eval"):
+        sections[section]["properties"]["subset"]["enum"] = list(cat["subsets"])
     sections["train"]["properties"]["schedule"]["properties"]["name"] = _enum(cat["schedules"])
     sections["threat"]["properties"] = {norm: {"$ref": "#/$defs/threat"} for norm in cat["norms"]}
     sections["methods"]["properties"] = {

@@ -45,6 +45,7 @@ class DataSettings:
     val_size: int = 1000
     split_seed: int = 0
     train_subset: int | None = None
+    subset: str = "stratified"  # how train_subset is drawn (rpat/data/subsets.py)
     augment: str = "crop_flip"
     batch_size: int = 128
     eval_batch_size: int = 500
@@ -98,6 +99,8 @@ class AutoAttackSettings:
 class EvalSettings:
     checkpoint: str = "best"
     n_examples: int | None = None
+    subset: str = "stratified"  # how the n_examples are drawn from the test set (rpat/data/subsets.py)
+    subset_seed: int = 0
     batch_size: int = 500
     pgd_steps: int = 20
     cw_steps: int = 30

@@ -1,8 +1,9 @@
 """Real CIFAR-10 (the offline JPEG archive) through the real CIFAR-sized path; skips without the archive."""
 
 import pytest
+import torch
 
-from rpat import config, evaluate, train
+from rpat import config, data, evaluate, train
 
 
 @pytest.mark.slow
@@ -21,6 +22,15 @@ def test_preact_resnet18_pgd_at_rpat_one_epoch_on_512_cifar10_images(cifar10_jpe
         "eval": {"n_examples": 32, "pgd_steps": 20, "cw_steps": 5, "autoattack": {"enabled": False}},
     })
     cell = cfg.cells()[0]
+    resolved = cfg.resolve(cell)
+    # The image folders are class-sorted; both subsets must still hold all 10 classes, in proportion.
+    splits = data.load_splits("cifar10", resolved["data"])
+    left = torch.bincount(data.load_splits("cifar10", {**resolved["data"], "train_subset": None}).train[1])
+    got = torch.bincount(splits.train[1], minlength=10)
+    assert int(got.sum()) == 512 and (got - 512 * left / left.sum()).abs().max() < 1 and got.min() >= 50
+    ecfg = resolved["eval"]
+    test_idx = data.eval_subset(splits.test[1], ecfg["n_examples"], ecfg["subset"], ecfg["subset_seed"])
+    assert torch.bincount(splits.test[1][test_idx], minlength=10).tolist() == [4, 4, 3, 3, 3, 3, 3, 3, 3, 3]
     rec = train.train_cell(cfg, cell, tmp_path)
     h = rec["history"][0]
     assert h["loss_rpat"] > 0 and h["loss_total"] == pytest.approx(h["loss_ce"] + h["loss_rpat_weighted"], rel=1e-5)

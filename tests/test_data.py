@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from rpat import data as D
+from rpat.data import augment, folders, tinyimagenet
 from rpat.data import (
     AUGMENTATIONS,
     DATASETS,
@@ -16,6 +17,7 @@ from rpat.data import (
     prepare_tinyimagenet,
     random_crop_flip,
 )
+from rpat.errors import DataProblem
 
 # ---------------------------------------------------------------------------------------------
 # registry
@@ -71,7 +73,7 @@ def test_digits_split_seed():
 def test_train_subset_and_bad_val_size():
     s = load_splits("digits", {"val_size": 100, "train_subset": 50})
     assert len(s.train[1]) == 50 and len(s.val[1]) == 100
-    with pytest.raises(ValueError, match="val_size"):
+    with pytest.raises(DataProblem, match="val_size"):
         load_splits("digits", {"val_size": 5000})
 
 
@@ -135,7 +137,7 @@ def test_autoaugment_cutout_shape_dtype_range_determinism():
 def test_autoaugment_cutout_zeroes_a_square(monkeypatch):
     # No crop (its zero padding would add zeros); on a mid-grey image no AutoAugment op of the CIFAR-10
     # policy yields 0 (fill is 128), so the only zeros are Cutout's square.
-    monkeypatch.setattr(D, "random_crop_flip", lambda x, generator=None: x)
+    monkeypatch.setattr(augment, "random_crop_flip", lambda x, generator=None: x)
     x = torch.full((32, 3, 32, 32), 128 / 255)
     out = autoaugment_cutout(x, _gen(0))
     for img in out:
@@ -168,7 +170,6 @@ def test_batches_cover_every_example_once_per_epoch():
         ys = torch.cat([b[1] for b in batches])
         assert torch.equal(ys.sort().values, y)
         assert torch.equal(torch.cat([b[0] for b in batches]).flatten(), ys.float())  # x stays with its y
-    assert len(Batches(x, y, 3, drop_last=True)) == 3
 
 
 def test_batches_two_views_double_the_batch():
@@ -188,7 +189,7 @@ def test_batches_two_views_double_the_batch():
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_missing_offline_raises_with_searched_dir(tmp_path, name):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataProblem) as err:
         DATASETS[name].load({"root": str(tmp_path)})
     msg = str(err.value)
     assert str(tmp_path / name) in msg
@@ -222,7 +223,7 @@ def test_cifar10_loads_an_image_folder(tmp_path):
 
 def test_cifar10_image_folder_wrong_class_count(tmp_path):
     _cifar_like_tree(tmp_path / "cifar10", ["a", "b"], 1, 1)
-    with pytest.raises(ValueError, match="expected 10"):
+    with pytest.raises(DataProblem, match="expected 10"):
         DATASETS["cifar10"].load({"root": str(tmp_path)})
 
 
@@ -259,7 +260,7 @@ def test_imagefolder_loads_and_second_load_hits_cache(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(D, "_decode_files", no_decoding)
+    monkeypatch.setattr(folders, "_decode_files", no_decoding)
     again = DATASETS["imagefolder"].load(options)
     assert torch.equal(again.train[0], data.train[0]) and torch.equal(again.test[1], data.test[1])
 
@@ -284,19 +285,19 @@ def test_imagefolder_rejects_images_of_another_size(tmp_path):
     _imagefolder(root)
     bad = root / "train" / "dog" / "9.png"
     _png(bad, (8, 6), (0, 0, 0))
-    with pytest.raises(ValueError, match="9.png") as err:
+    with pytest.raises(DataProblem, match="9.png") as err:
         DATASETS["imagefolder"].load({"paths": {"imagefolder": str(root)}})
     assert "resize" in str(err.value)
 
 
 def test_imagefolder_rejects_non_square(tmp_path):
     _imagefolder(tmp_path / "imagefolder", size=(8, 6))
-    with pytest.raises(ValueError, match="not square"):
+    with pytest.raises(DataProblem, match="not square"):
         DATASETS["imagefolder"].load({"root": str(tmp_path)})
 
 
 def test_imagefolder_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.paths.imagefolder"):
+    with pytest.raises(DataProblem, match="data.paths.imagefolder"):
         DATASETS["imagefolder"].load({"root": str(tmp_path)})
 
 
@@ -351,7 +352,7 @@ def test_tinyimagenet_val_layout_finishes_an_interrupted_run(tmp_path):
 
 
 def test_tinyimagenet_missing_offline(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataProblem) as err:
         prepare_tinyimagenet(tmp_path / "nothing", download=False)
     assert str(tmp_path / "nothing") in str(err.value) and "data.download: true" in str(err.value)
 
@@ -388,9 +389,8 @@ def test_cifar10_jpeg_archive(cifar10_jpeg_root):
     assert (len(s.train[1]), len(s.val[1]), len(s.test[1])) == (49_000, 1000, 10_000)
 
 
-def test_tinyimagenet_download_unpacks_and_lays_out(tmp_path, monkeypatch):
+def _fake_tiny_zip(tmp_path) -> bytes:
     import io
-    import urllib.request
     import zipfile
 
     src = tmp_path / "src" / "tiny-imagenet-200"
@@ -399,13 +399,30 @@ def test_tinyimagenet_download_unpacks_and_lays_out(tmp_path, monkeypatch):
     with zipfile.ZipFile(buf, "w") as z:
         for p in sorted(src.rglob("*")):
             z.write(p, p.relative_to(src.parent).as_posix())
+    return buf.getvalue()
+
+
+def test_tinyimagenet_download_unpacks_and_lays_out(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import urllib.request
+
+    body = _fake_tiny_zip(tmp_path)
     requested = []
 
-    def fake_urlopen(url, timeout=None):
-        requested.append(url)
-        return io.BytesIO(buf.getvalue())
+    class Response(io.BytesIO):
+        def __init__(self, url):
+            super().__init__(body)
+            self.url, self.length = url, len(body)
+
+    def fake_urlopen(request, timeout=None):
+        url = getattr(request, "full_url", request)
+        if getattr(request, "headers", {}).get("Method") != "HEAD":  # torchvision first asks for redirects
+            requested.append(url)
+        return Response(url)
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(tinyimagenet, "TINYIMAGENET_MD5", hashlib.md5(body).hexdigest())  # this fake's checksum
     root = tmp_path / "tinyimagenet"
     with pytest.warns(UserWarning, match="downloading"):
         data_dir = prepare_tinyimagenet(root, download=True)
@@ -414,3 +431,102 @@ def test_tinyimagenet_download_unpacks_and_lays_out(tmp_path, monkeypatch):
     assert (data_dir / "val" / "n02" / "images" / "val_3.JPEG").is_file()
     assert sorted(p.name for p in root.iterdir()) == ["tiny-imagenet-200"]  # no zip, part or staging left
     assert prepare_tinyimagenet(root, download=True) == data_dir and len(requested) == 1
+
+
+def test_tinyimagenet_refuses_an_archive_with_the_wrong_checksum(tmp_path, monkeypatch):
+    import hashlib
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the local archive must be checked, not downloaded again")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    body = _fake_tiny_zip(tmp_path)  # a valid zip, but not the official one
+    root = tmp_path / "tinyimagenet"
+    root.mkdir()
+    (root / "tiny-imagenet-200.zip").write_bytes(body)
+    with pytest.raises(DataProblem) as err:
+        prepare_tinyimagenet(root, download=True)
+    msg = str(err.value)
+    assert str(root / "tiny-imagenet-200.zip") in msg
+    assert f"MD5 {hashlib.md5(body).hexdigest()}" in msg and "expected 90528d7ca1a48142e341f4ef8d21d0de" in msg
+    assert "delete it" in msg and "data.download: true" in msg and D.TINYIMAGENET_URL in msg
+    assert not (root / "tiny-imagenet-200").exists()  # nothing unpacked
+
+
+# ---------------------------------------------------------------------------------------------
+# bad data: one line (the CLI prints it) naming the file, folder or key, and the fix
+
+
+def _noise_png(path, size=(16, 16), truncate=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=_gen(0)).numpy()
+    Image.fromarray(noise).save(path)
+    if truncate:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _empty_class(root):
+    for f in (root / "train" / "emu").iterdir():
+        f.unlink()
+    return root / "train" / "emu", "holds no images", "To fix: put its images there, or delete the folder"
+
+
+def _truncated_image(root):
+    _noise_png(root / "train" / "dog" / "9.png", truncate=True)
+    return root / "train" / "dog" / "9.png", "not a readable image", "To fix: replace this file"
+
+
+def _not_an_image(root):
+    (root / "test" / "cat" / "9.png").write_bytes(b"this is not a PNG")
+    return root / "test" / "cat" / "9.png", "not a readable image", "To fix: replace this file"
+
+
+def _test_class_not_in_train(root):
+    _png(root / "test" / "yak" / "0.png", (16, 16), (0, 0, 0))
+    return root / "test", "yak", "To fix: add their training images"
+
+
+def _no_imagefolder(root):
+    import shutil
+
+    shutil.rmtree(root / "test")
+    return root, "expected", "To fix: create that tree there, or point data.paths.imagefolder"
+
+
+@pytest.mark.parametrize("spoil", [_empty_class, _truncated_image, _not_an_image, _test_class_not_in_train,
+                                   _no_imagefolder])
+def test_bad_image_folder_names_the_place_and_the_fix(tmp_path, spoil):
+    root = tmp_path / "imagefolder"
+    _imagefolder(root, size=(16, 16))
+    place, problem, fix = spoil(root)
+    with pytest.raises(DataProblem) as err:
+        load_splits("imagefolder", {"root": str(tmp_path), "val_size": 3})
+    msg = str(err.value)
+    assert str(place) in msg and problem in msg and fix in msg and "\n" not in msg
+
+
+def test_val_size_not_below_the_training_set(tmp_path):
+    _imagefolder(tmp_path / "imagefolder")  # 12 training images
+    with pytest.raises(DataProblem) as err:
+        load_splits("imagefolder", {"root": str(tmp_path), "val_size": 12})
+    assert str(err.value) == (
+        "data.val_size=12, but the training set of 'imagefolder' holds 12 examples and at least one must remain "
+        "for training. To fix: set data.val_size below 12 (0 for no validation split)."
+    )
+
+
+def test_unreadable_image_named_from_a_decoding_pool(tmp_path, monkeypatch):
+    root = tmp_path / "imagefolder"
+    _imagefolder(root, n_train=6, size=(16, 16))
+    bad = root / "train" / "emu" / "3.png"
+    _noise_png(bad, truncate=True)
+    monkeypatch.setattr(folders, "_POOL_MIN_FILES", 1)  # a pool even for 18 files
+    monkeypatch.setattr(folders, "_CHUNK", 4)  # 5 tasks over 2 worker processes
+    with pytest.raises(DataProblem) as err:
+        folders.decode_imagefolder(root / "train", workers=2)
+    assert str(err.value).startswith(f"{bad}: not a readable image (")
+    monkeypatch.setattr(folders, "_CHUNK", 1000)
+    bad.unlink()
+    x, y, _ = folders.decode_imagefolder(root / "train", workers=2)  # the same pool path decodes the rest
+    assert torch.bincount(y).tolist() == [6, 6, 5]
