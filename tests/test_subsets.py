@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rpat import config
+from rpat import config, schema
 from rpat.data import DATASETS, SUBSETS, eval_subset, first_n, load_splits, seeded_permutation, stratified_subset
 from rpat.data.subsets import class_quotas
 from rpat.errors import DataProblem, UnknownName
@@ -150,7 +150,7 @@ def test_train_subset_larger_than_the_training_set(sorted_folder):
 def test_subset_keys_have_defaults_and_schema_enums():
     assert config.DEFAULTS["data"]["subset"] == "stratified"
     assert (config.DEFAULTS["eval"]["subset"], config.DEFAULTS["eval"]["subset_seed"]) == ("stratified", 0)
-    sections = config.schema()["$defs"]["sections"]
+    sections = schema.schema()["$defs"]["sections"]
     assert sections["data"]["properties"]["subset"]["enum"] == list(SUBSETS)
     assert sections["eval"]["properties"]["subset"]["enum"] == list(SUBSETS)
     grid = [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["pgd_at"], "rpat": [False],

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rpat.models import register
-from rpat.models.resnet import stem_stride
+from rpat.models.resnet import stack, stem_stride
 
 
 class PreActBlock(nn.Module):
@@ -60,11 +60,8 @@ class PreActResNet(nn.Module):
         self.linear = nn.Linear(512 * PreActBlock.expansion, num_classes)
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes * PreActBlock.expansion
-        return nn.Sequential(*layers)
+        layer, self.in_planes = stack(PreActBlock, self.in_planes, planes, num_blocks, stride)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)

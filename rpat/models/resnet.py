@@ -21,6 +21,22 @@ from torch.nn import functional as F
 from rpat.models import register
 
 
+def shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
+    """Identity, or a 1x1 conv + BN where the block changes resolution or width."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+def stack(block, in_planes: int, planes: int, num_blocks: int, stride: int) -> tuple[nn.Sequential, int]:
+    """``num_blocks`` blocks, the first with ``stride``; returns them and their output width."""
+    layers = []
+    for s in [stride] + [1] * (num_blocks - 1):
+        layers.append(block(in_planes, planes, s))
+        in_planes = planes * block.expansion
+    return nn.Sequential(*layers), in_planes
+
+
 def stem_stride(image_size: int) -> int:
     """Stride 2 from 64x64 on, so the later stages see the feature-map sizes they were designed for at 32x32."""
     return 2 if image_size >= 64 else 1
@@ -35,12 +51,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes * self.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * self.expansion),
-            )
+        self.shortcut = shortcut(in_planes, planes * self.expansion, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -59,12 +70,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes * self.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * self.expansion),
-            )
+        self.shortcut = shortcut(in_planes, planes * self.expansion, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -96,11 +102,8 @@ class ResNet(nn.Module):
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
     def _make_layer(self, block, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(block(self.in_planes, planes, s))
-            self.in_planes = planes * block.expansion
-        return nn.Sequential(*layers)
+        layer, self.in_planes = stack(block, self.in_planes, planes, num_blocks, stride)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
