@@ -13,6 +13,7 @@ fingerprint recorded in train.json are checked before any work.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -161,6 +162,22 @@ def tracked_metrics(result: dict) -> dict:
     return out
 
 
+def evaluated_examples(settings: CellSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The test examples every measurement (and the perception analysis) uses: ``eval.n_examples`` drawn by
+    ``eval.subset`` (a seeded, class-stratified draw by default) with ``eval.subset_seed``; float images in [0, 1],
+    labels, and their sorted indices in the test set."""
+    e = settings.eval
+    x, y = data.load_splits(settings.cell.dataset, settings.data.options()).test
+    index = data.eval_subset(y, e.n_examples, e.subset, e.subset_seed)
+    return data.to_float(x[index]), y[index], index
+
+
+def examples_record(settings: CellSettings, index: torch.Tensor) -> dict:
+    """What eval.json records of the evaluated examples (the digest pairs cells evaluated on the same ones)."""
+    digest = hashlib.sha256(index.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+    return {"subset": settings.eval.subset, "seed": settings.eval.subset_seed, "n": len(index), "digest": digest}
+
+
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
     ckpt = checkpoint.load(path, map_location=device)
     model = models.build_from_meta(ckpt)
@@ -202,15 +219,14 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
     runtime.seed_everything(cell.seed)
     model, ckpt = load_model(ckpt_path, device)
     check_belongs(settings, record, record_path, ckpt, ckpt_path)
-    splits = data.load_splits(cell.dataset, settings.data.options())
-    x, y = splits.test
-    n = min(len(y), e.n_examples or len(y))
-    ctx = EvalContext(model, settings.threat, e, data.Batches(data.to_float(x[:n]), y[:n], e.batch_size, device=device))
+    x, y, index = evaluated_examples(settings)
+    n = len(y)
+    ctx = EvalContext(model, settings.threat, e, data.Batches(x, y, e.batch_size, device=device))
 
     t0 = time.time()
     result = {"cell": cell.id, **cell.tags(), "rpat": cell.rpat, "seed": cell.seed, "experiment": settings.experiment,
               "checkpoint": e.checkpoint, "checkpoint_epoch": ckpt["epoch"], "selection": record["selection"],
-              "n_examples": n, "norm": cell.norm, "eps": settings.threat.eps, "pgd_steps": e.pgd_steps,
+              "n_examples": n, "examples": examples_record(settings, index), "norm": cell.norm, "eps": settings.threat.eps, "pgd_steps": e.pgd_steps,
               "pgd_step_size": settings.threat.step, "cw_steps": e.cw_steps, "seconds": {}, "extra_metrics": {}}
     for m in MEASUREMENTS.values():
         if not m.enabled(e):
