@@ -14,4 +14,5 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         REPORT_OUTPUTS,
+        cell_evaluations(),
     default_target: True

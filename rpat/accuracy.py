@@ -17,12 +17,19 @@ def correct(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1) == y
 
 
-def pgd_examples(model, x, y, threat, steps: int, loss: str = "ce", generator=None) -> torch.Tensor:
-    """The evaluation PGD: ``steps`` steps of ``threat.step`` in the ``threat.norm`` ball of ``threat.eps``."""
+def pgd_examples(model, x, y, threat, steps: int, loss: str = "ce", generator=None, start=None) -> torch.Tensor:
+    """The evaluation PGD: ``steps`` steps of ``threat.step`` in the ``threat.norm`` ball of ``threat.eps``, from a
+    uniform random start drawn from ``generator`` (or the given ``start``, see :func:`pgd_start`)."""
     if steps <= 0:
         return x
     return attacks.pgd(model, x, y, eps=threat.eps, step=threat.step, steps=steps, norm=threat.norm, loss=loss,
-                       init="uniform", bn="eval", box_first=True, generator=generator)
+                       init="uniform", bn="eval", box_first=True, generator=generator, start=start)
+
+
+def pgd_start(x, threat, generator=None) -> torch.Tensor:
+    """The random start :func:`pgd_examples` draws for ``x`` from ``generator``; drawn once for many examples and
+    sliced into batches, it gives every example the start it gets when all of them form one batch."""
+    return attacks.random_start(x, threat.eps, threat.norm, "uniform", generator)
 
 
 def accuracies(model, batches, threat, steps: int, loss: str = "ce", with_clean: bool = True) -> dict:

@@ -126,12 +126,15 @@ def pgd(
     ref_logits: torch.Tensor | None = None,
     box_first: bool = False,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Maximise ``loss`` over the ``norm``-ball of radius ``eps`` around ``x`` with ``steps`` steps of size ``step``.
 
     ``bn`` is the module mode during the attack ('eval' for the four baselines, 'train' for ReBAT);
     the model's previous mode is restored. ``ref_logits`` feeds the KL loss (computed here in the
-    attack's BN mode when omitted). Returns a detached tensor.
+    attack's BN mode when omitted). ``start`` replaces the random start (a start drawn for more examples than
+    this batch, so that splitting them into batches leaves every example's start unchanged). Returns a detached
+    tensor.
     """
     if norm not in NORMS:
         raise ValueError(f"norm {norm!r} not in {NORMS}")
@@ -144,7 +147,7 @@ def pgd(
             with torch.no_grad():
                 ref_logits = model(x)
         ref = ref_logits.detach() if ref_logits is not None else None
-        x_adv = random_start(x, eps, norm, init, generator)
+        x_adv = random_start(x, eps, norm, init, generator) if start is None else start.detach()
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():

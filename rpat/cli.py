@@ -35,14 +35,34 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from rpat.evaluate import evaluate
+    from rpat.evaluate import evaluate, merge
 
     cfg, cell = _load(args)
-    run_dir = cfg.run_dir(cell)
-    res = evaluate(cfg.settings(cell), args.record or run_dir / "train.json", args.out or run_dir / "eval.json",
-                   tracking=cfg.tracking, checkpoint_path=args.checkpoint, threads=args.threads)
-    print(json.dumps({"cell": res["cell"], **res["mlflow_metrics"]}))
+    settings, run_dir = cfg.settings(cell), cfg.run_dir(cell)
+    primary = settings.eval.checkpoints[0]
+    which = args.which or primary
+    out = args.out or run_dir / ("eval.json" if which == primary else f"eval-{which}.json")
+    if args.merge:
+        res = merge(settings, args.merge, out, tracking=cfg.tracking, outcomes_path=args.outcomes)
+    else:
+        res = evaluate(settings, args.record or run_dir / "train.json", out, tracking=cfg.tracking, checkpoint=which,
+                       checkpoint_path=args.checkpoint, outcomes_path=args.outcomes, shard=args.shard,
+                       threads=args.threads)
+    shard = res.get("shard", {"index": 1, "of": 1})
+    print(json.dumps({"cell": cell.id, "checkpoint": which, "shard": f"{shard['index']}/{shard['of']}",
+                      **res.get("mlflow_metrics", {})}))
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N), 1 <= I <= N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 2/4)") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"shard {text}: I must be in 1..N")
+    return i, n
 
 
 def cmd_report(args) -> int:
@@ -151,8 +171,16 @@ def _parser() -> argparse.ArgumentParser:
         "--out", help="run directory (default <results_dir>/runs/<cell>)")
     e = job("evaluate", cmd_evaluate, "evaluate one trained cell: every registered measurement")
     e.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
-    e.add_argument("--checkpoint", help="checkpoint to evaluate (default: the one eval.checkpoint names in train.json)")
-    e.add_argument("--out", help="eval.json to write (default beside train.json)")
+    e.add_argument("--which", choices=["best", "last"],
+                   help="which checkpoint (default: the first of eval.checkpoints); names eval.json's 'checkpoint'")
+    e.add_argument("--checkpoint", help="checkpoint file (default: the one train.json lists for --which)")
+    e.add_argument("--out", help="result to write (default beside train.json: eval.json for the first of "
+                   "eval.checkpoints, eval-<which>.json for another)")
+    e.add_argument("--outcomes", help="per-example outcomes to write (default: eval*.json -> outcomes*.npz)")
+    e.add_argument("--shard", type=_shard, metavar="I/N", help="evaluate only shard I of N (blocks I-1, I-1+N, ...) "
+                   "into a shard result for --merge")
+    e.add_argument("--merge", nargs="+", metavar="SHARD_JSON", help="combine these shard results into --out instead "
+                   "of evaluating")
     r = job("report", cmd_report, "tables and plots from eval.json files", cell=False)
     r.add_argument("--inputs", nargs="*", help="eval.json files (default: those of the config's grid)")
     r.add_argument("--out", help="output directory (default <results_dir>)")

@@ -1,54 +1,51 @@
-"""Evaluation: a registry of measurements (clean, PGD-20, CW-inf, AutoAttack, ...) run on a cell's checkpoint.
+"""Evaluation: a registry of measurements (clean, PGD-20, CW-inf, AutoAttack, ...) run on a cell's checkpoints.
 
 A measurement is one :func:`register` entry: a key (its column in eval.json, the tables and MLflow's
-``test_<key>``), a header for tables, and a function returning the per-example outcome (correct or not)
-on the evaluated examples, plus any details to record. Derived metrics (Mean, NRR) are computed from
+``test_<key>``), a header for tables, and a function returning the per-example outcome (correct or not) on one
+block of the evaluated examples, plus any details to record. Derived metrics (Mean, NRR) are computed from
 measurements. Report, tracking and the CLI read the registry (through ``rpat.catalog``), so adding a
 measurement is one entry here plus its test.
 
-All measurements use the same test examples, the norm and eps the cell was trained for, and the model
-in eval mode. The checkpoint must belong to the cell: its model, its number of classes and the training
+All measurements use the same test examples (:func:`evaluated_examples`), cut into fixed blocks of
+``eval.block_size``; a measurement's randomness on a block comes from the block's own generator, so the
+per-example outcomes do not depend on sharding (``eval.shards``), on resuming a killed job, or on the batch size
+(docs/evaluation.md). Each of ``eval.checkpoints`` is evaluated with the norm and eps the cell was trained for,
+in eval mode; the first writes ``eval.json`` and ``outcomes.npz``, another ``c`` writes ``eval-<c>.json`` and
+``outcomes-<c>.npz``. The checkpoint must belong to the cell: its model, its number of classes and the training
 fingerprint recorded in train.json are checked before any work.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
-import time
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from rpat import accuracy, autoattack, checkpoint, data, files, models, runtime
+from rpat import accuracy, autoattack, blocks, checkpoint, data, files, models, runtime
 from rpat.cells import Cell
 from rpat.errors import UserError
-from rpat.settings import CellSettings, EvalSettings, Threat
+from rpat.evaluation import engine, results
+from rpat.evaluation.engine import EvalContext, OutOfMemory, Outcome
+from rpat.evaluation.progress import Progress
+from rpat.evaluation.results import MergeError, outcomes_path_for, read_outcomes
+from rpat.preemption import StopSignals
+from rpat.settings import CellSettings, EvalSettings
 from rpat.tracking import CellRun
 
 if TYPE_CHECKING:  # rpat.config builds its defaults from the registries, which import this module
     from rpat.config import Config
 
+__all__ = ["DERIVED", "MEASUREMENTS", "Derived", "EvalContext", "EvaluationError", "Measurement", "MergeError",
+           "OutOfMemory", "Outcome", "derive", "evaluate", "evaluate_cell", "evaluated_examples", "merge",
+           "outcomes_path_for", "read_outcomes", "register", "summary_metrics", "tracked_metrics"]
+
 
 class EvaluationError(UserError, RuntimeError):
-    """The evaluation's inputs do not belong together (checkpoint, train.json, cell)."""
-
-
-@dataclass
-class Outcome:
-    correct: torch.Tensor  # bool, one per evaluated example (on the CPU)
-    details: dict = field(default_factory=dict)  # extra eval.json entries (JSON-able)
-    metrics: dict = field(default_factory=dict)  # extra MLflow test metrics
-
-
-@dataclass(frozen=True)
-class EvalContext:
-    model: torch.nn.Module
-    threat: Threat
-    settings: EvalSettings
-    batches: data.Batches  # the evaluated examples, on the device
+    """The evaluation's inputs do not belong together (checkpoint, train.json, cell, shard results)."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +53,11 @@ class Measurement:
     key: str
     header: str
     description: str
-    measure: Callable[[EvalContext], Outcome]
+    measure: Callable[[EvalContext], Outcome]  # one block -> per-example outcome
     enabled: Callable[[EvalSettings], bool] = lambda s: True
     paper: bool = False  # one of the paper's headline columns (Clean, AA)
+    # (counts summed over blocks, warnings, n examples) -> (eval.json entries, extra MLflow test metrics)
+    summary: Callable[[dict, list, int], tuple[dict, dict]] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def register(m: Measurement) -> Measurement:
 
 
 def _per_batch(ctx: EvalContext, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Outcome:
-    """Concatenate ``fn(x, y)`` (per-example correctness) over the batches; one host copy at the end."""
+    """Concatenate ``fn(x, y)`` (per-example correctness) over the block's batches; one host copy at the end."""
     ctx.model.eval()
     return Outcome(torch.cat([fn(x, y) for x, y in ctx.batches]).cpu())
 
@@ -94,39 +93,65 @@ def clean(ctx: EvalContext) -> Outcome:
     return _per_batch(ctx, lambda x, y: accuracy.correct(ctx.model, x, y))
 
 
+def _pgd(ctx: EvalContext, steps: int, loss: str) -> Outcome:
+    """PGD from a uniform random start drawn once for the whole block from its generator, then sliced into the
+    batches: each example's start, and so its outcome, is the same for any batch size."""
+    t = ctx.threat
+    starts = iter(accuracy.pgd_start(ctx.batches.x, t, ctx.generator()).split(ctx.batches.batch_size))
+    return _per_batch(ctx, lambda x, y: accuracy.correct(
+        ctx.model, accuracy.pgd_examples(ctx.model, x, y, t, steps, loss, start=next(starts)), y))
+
+
 def pgd20(ctx: EvalContext) -> Outcome:
     """PGD on mean CE, ``eval.pgd_steps`` steps (20) of the threat model's step size, uniform random start."""
-    steps = ctx.settings.pgd_steps
-    return _per_batch(ctx, lambda x, y: accuracy.correct(
-        ctx.model, accuracy.pgd_examples(ctx.model, x, y, ctx.threat, steps), y))
+    return _pgd(ctx, ctx.settings.pgd_steps, "ce")
 
 
 def cw(ctx: EvalContext) -> Outcome:
     """CW-inf: PGD on the CW margin max_{j!=y} z_j - z_y, ``eval.cw_steps`` steps (30)."""
-    steps = ctx.settings.cw_steps
-    return _per_batch(ctx, lambda x, y: accuracy.correct(
-        ctx.model, accuracy.pgd_examples(ctx.model, x, y, ctx.threat, steps, loss="cw"), y))
+    return _pgd(ctx, ctx.settings.cw_steps, "cw")
 
 
 def autoattack_standard(ctx: EvalContext) -> Outcome:
     """AutoAttack (official code), ``eval.autoattack.version`` (standard: APGD-CE, APGD-T, FAB-T, Square), fixed
-    seed, the cell's norm and eps; records the robust accuracy after each attack and its warnings."""
-    s = ctx.settings.autoattack
+    seed, the cell's norm and eps. One stage per attack: each runs on the block's examples still robust and is
+    saved (resume restarts at the next attack); counts the robust examples after each attack."""
+    s, t = ctx.settings.autoattack, ctx.threat
     x, y = ctx.batches.x, ctx.batches.y
-    aa = autoattack.run_autoattack(ctx.model, x, y, norm=ctx.threat.norm, eps=ctx.threat.eps, seed=s.seed,
-                                   version=s.version, batch_size=ctx.settings.batch_size, device=x.device)
-    for w in aa["warnings"]:
-        print(f"[rpat] AutoAttack warning: {w}", file=sys.stderr)
-    details = {"aa_per_attack": aa["per_attack"], "aa_warnings": aa["warnings"], "aa_version": s.version,
-               "aa_seed": s.seed, "aa_attacks": aa["attacks"], "aa_package": autoattack.package_version()}
-    return Outcome(aa["robust"], details, {f"test_aa_after_{k}": v for k, v in aa["per_attack"].items()})
+    robust = torch.ones(len(y), dtype=torch.bool, device=x.device)  # the first attack checks clean accuracy itself
+    counts, warnings = {}, []
+    attacks = autoattack.attacks_of(s.version, t.norm)
+    for attack in attacks:
+        stage = ctx.done.get(attack)
+        if stage is None:
+            idx = robust.nonzero().squeeze(1)
+            after, warned = robust.clone(), []
+            if len(idx):
+                after[idx], warned = autoattack.attack_examples(
+                    ctx.model, x[idx], y[idx], attack, norm=t.norm, eps=t.eps, seed=s.seed, version=s.version,
+                    batch_size=ctx.batches.batch_size, device=x.device)
+            stage = {"robust": after.cpu(), "warnings": warned}
+            ctx.save_stage(attack, stage)
+        robust = stage["robust"].to(x.device)
+        counts[attack] = int(robust.sum())
+        warnings += stage["warnings"]
+    details = {"aa_version": s.version, "aa_seed": s.seed, "aa_attacks": attacks}
+    return Outcome(robust.cpu(), details, counts, warnings)
+
+
+def autoattack_summary(counts: dict, warnings: list, n: int) -> tuple[dict, dict]:
+    """Robust accuracy (%) after each attack, from the robust counts summed over blocks; AutoAttack's warnings."""
+    per_attack = {a: 100.0 * c / n for a, c in counts.items()} if n else {}
+    warnings = list(dict.fromkeys(warnings + autoattack.square_check(per_attack)))
+    return ({"aa_per_attack": per_attack, "aa_warnings": warnings},
+            {f"test_aa_after_{a}": v for a, v in per_attack.items()})
 
 
 register(Measurement("clean", "Clean", "clean accuracy", clean, paper=True))
 register(Measurement("pgd20", "PGD-20", "accuracy under PGD-20 (CE)", pgd20))
 register(Measurement("cw", "CW∞", "accuracy under CW-inf (PGD on the CW margin)", cw))
 register(Measurement("aa", "AA", "AutoAttack robust accuracy", autoattack_standard,
-                     enabled=lambda s: s.autoattack.enabled, paper=True))
+                     enabled=lambda s: s.autoattack.enabled, paper=True, summary=autoattack_summary))
 
 
 def summary_metrics(clean: float, aa: float | None) -> tuple[float | None, float | None]:
@@ -174,8 +199,8 @@ def evaluated_examples(settings: CellSettings) -> tuple[torch.Tensor, torch.Tens
 
 def examples_record(settings: CellSettings, index: torch.Tensor) -> dict:
     """What eval.json records of the evaluated examples (the digest pairs cells evaluated on the same ones)."""
-    digest = hashlib.sha256(index.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
-    return {"subset": settings.eval.subset, "seed": settings.eval.subset_seed, "n": len(index), "digest": digest}
+    return {"subset": settings.eval.subset, "seed": settings.eval.subset_seed, "n": len(index),
+            "digest": results.index_digest(index.cpu().numpy())}
 
 
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
@@ -183,8 +208,6 @@ def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
     model = models.build_from_meta(ckpt)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
-
-
 def check_belongs(settings: CellSettings, record: dict, record_path: Path, ckpt: dict, ckpt_path: Path) -> None:
     """Refuse a train.json or checkpoint that is not this cell's, or was trained with other settings."""
     cell = settings.cell
@@ -207,43 +230,139 @@ def _read_record(path: Path) -> dict:
     return files.read_record(path, ("cell", "fingerprint", "checkpoints", "selection"))
 
 
-def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Path, *, tracking: dict,
-             checkpoint_path: str | Path | None = None, threads: int | None = None) -> dict:
-    """Evaluate one cell's checkpoint (default: the one ``eval.checkpoint`` names in train.json); write ``out_path``."""
-    record_path, out_path = Path(record_path), Path(out_path)
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_path(record: dict, record_path: Path, which: str) -> Path:
+    if which not in record["checkpoints"]:
+        raise EvaluationError(f"{record_path} lists no {which!r} checkpoint (it has {', '.join(record['checkpoints'])})"
+                              "; set eval.checkpoints to some of those")
+    return record_path.parent / record["checkpoints"][which]
+
+
+def _header(settings: CellSettings, record: dict, which: str, ckpt: dict, index: torch.Tensor) -> dict:
+    """What every part of one checkpoint's evaluation records alike (shards included)."""
     cell, e = settings.cell, settings.eval
+    return {"cell": cell.id, **cell.tags(), "rpat": cell.rpat, "seed": cell.seed, "experiment": settings.experiment,
+            "checkpoint": which, "checkpoint_epoch": ckpt["epoch"], "selection": record["selection"],
+            "n_examples": len(index), "examples": examples_record(settings, index), "norm": cell.norm,
+            "eps": settings.threat.eps, "pgd_steps": e.pgd_steps, "pgd_step_size": settings.threat.step,
+            "cw_steps": e.cw_steps, "block_size": e.block_size, "aa_package": autoattack.package_version(),
+            "eval_fingerprint": settings.eval_fingerprint}
+
+
+def _measure(settings: CellSettings, model, examples, key: dict, state_path: Path, shard: tuple[int, int],
+             device) -> tuple[dict, dict, Progress]:
+    """Run this job's blocks (resuming saved progress); its part of the outcomes."""
+    x, y, index = examples
+    e = settings.eval
+    ranges = blocks.block_ranges(len(y), e.block_size)
+    mine = blocks.shard_blocks(len(ranges), shard[1], shard[0] - 1)
+    measurements = [m for m in MEASUREMENTS.values() if m.enabled(e)]
+    with StopSignals() as stop:
+        progress = Progress.open(state_path, {**key, "shard": shard[0]}, e.batch_size)
+        engine.run(model, x.to(device), y.to(device), measurements=measurements, threat=settings.threat, settings=e,
+                   seed=settings.cell.seed, block_ids=mine, progress=progress, stop=stop)
+    stats, arrays = results.part(progress, [m.key for m in measurements], ranges, mine, index)
+    stats["wall_s"] = sum(progress.data["seconds"].values())
+    return stats, arrays, progress
+
+
+def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Path, *, tracking: dict,
+             checkpoint: str | None = None, checkpoint_path: str | Path | None = None,
+             outcomes_path: str | Path | None = None, shard: tuple[int, int] | None = None,
+             threads: int | None = None) -> dict:
+    """Evaluate the ``checkpoint`` named in train.json (default: the first of ``eval.checkpoints``); write
+    ``out_path`` (eval.json) and ``outcomes_path`` (default :func:`outcomes_path_for`). With ``shard=(i, N)``,
+    N > 1, only shard i's blocks are evaluated into a shard result, which :func:`merge` combines with the others'.
+    Progress is saved as it goes, and a rerun after a kill or a signal resumes it."""
+    record_path, out_path = Path(record_path), Path(out_path)
+    outcomes_path = Path(outcomes_path) if outcomes_path else outcomes_path_for(out_path)
+    cell, e = settings.cell, settings.eval
+    which = checkpoint or e.checkpoints[0]
+    i, n_shards = shard or (1, 1)
+    if not 1 <= i <= n_shards:
+        raise EvaluationError(f"shard {i} of {n_shards} does not exist; shards are numbered 1..{n_shards}")
     record = _read_record(record_path)
-    ckpt_path = Path(checkpoint_path) if checkpoint_path else record_path.parent / record["checkpoints"][e.checkpoint]
+    ckpt_path = Path(checkpoint_path) if checkpoint_path else _checkpoint_path(record, record_path, which)
     device = runtime.select_device(settings.train.device)
     runtime.set_threads(threads or settings.train.threads)
     runtime.seed_everything(cell.seed)
     model, ckpt = load_model(ckpt_path, device)
     check_belongs(settings, record, record_path, ckpt, ckpt_path)
     x, y, index = evaluated_examples(settings)
-    n = len(y)
-    ctx = EvalContext(model, settings.threat, e, data.Batches(x, y, e.batch_size, device=device))
+    header = _header(settings, record, which, ckpt, index)
+    key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
+           "checkpoint_digest": _file_digest(ckpt_path), "examples_digest": header["examples"]["digest"]}
+    state = record_path.parent / "eval-state" / (f"{which}.pt" if n_shards == 1 else f"{which}-{i}of{n_shards}.pt")
+    stats, arrays, progress = _measure(settings, model, (x, y, index), key, state, (i, n_shards), device)
+    stats.update(header=header, key=key, shard={"index": i, "of": n_shards}, device=str(device),
+                 mlflow_run_id=record.get("mlflow_run_id"))
+    if n_shards > 1:
+        results.write_shard(out_path, stats, arrays, outcomes_path)
+        result = stats
+    else:
+        result = _write_result(settings, [(stats, arrays)], out_path, outcomes_path, tracking)
+    progress.remove()
+    return result
 
-    t0 = time.time()
-    result = {"cell": cell.id, **cell.tags(), "rpat": cell.rpat, "seed": cell.seed, "experiment": settings.experiment,
-              "checkpoint": e.checkpoint, "checkpoint_epoch": ckpt["epoch"], "selection": record["selection"],
-              "n_examples": n, "examples": examples_record(settings, index), "norm": cell.norm, "eps": settings.threat.eps, "pgd_steps": e.pgd_steps,
-              "pgd_step_size": settings.threat.step, "cw_steps": e.cw_steps, "seconds": {}, "extra_metrics": {}}
+
+def merge(settings: CellSettings, shard_paths: list[str | Path], out_path: str | Path, *, tracking: dict,
+          outcomes_path: str | Path | None = None) -> dict:
+    """Combine the shard results of one checkpoint's evaluation into ``out_path`` (eval.json) and its outcomes."""
+    out_path = Path(out_path)
+    parts = [results.read_shard(p) for p in shard_paths]
+    for path, (stats, _) in zip(shard_paths, parts):
+        if stats["header"].get("cell") != settings.cell.id:
+            raise EvaluationError(f"{path} is a shard of cell {stats['header'].get('cell')!r}, not {settings.cell.id}")
+        if stats["header"].get("eval_fingerprint") != settings.eval_fingerprint:
+            raise EvaluationError(f"{path} was computed with other evaluation settings than the config gives "
+                                  f"{settings.cell.id}; rerun its shard job (snakemake does)")
+    return _write_result(settings, parts, out_path, Path(outcomes_path) if outcomes_path else
+                         outcomes_path_for(out_path), tracking)
+
+
+def _result(settings: CellSettings, header: dict, combined: dict) -> dict:
+    """eval.json from the combined parts: accuracies, the measurements' summaries, derived metrics."""
+    n = header["n_examples"]
+    result = {**header, "seconds": {}, "extra_metrics": {}}
     for m in MEASUREMENTS.values():
-        if not m.enabled(e):
+        st = combined["measured"].get(m.key)
+        if st is None:
             result[m.key] = None
             continue
-        t = time.time()
-        out = m.measure(ctx)
-        result[m.key] = 100.0 * float(out.correct.sum()) / n
-        result.update(out.details)
-        result["extra_metrics"].update(out.metrics)
-        result["seconds"][m.key] = time.time() - t
+        result[m.key] = 100.0 * st["correct"] / n if n else None
+        result.update(st["details"])
+        if m.summary:
+            entries, metrics = m.summary(st["counts"], st["warnings"], n)
+            result.update(entries)
+            result["extra_metrics"].update(metrics)
+        result["seconds"][m.key] = st["seconds"]
     result.update(derive(result))
-    result["mlflow_metrics"] = tracked_metrics(result)
-    result.update({"wall_s": time.time() - t0, "device": str(device), "eval_fingerprint": settings.eval_fingerprint})
-    files.write_json(out_path, result)
+    metrics = tracked_metrics(result)
+    if header["checkpoint"] != settings.eval.checkpoints[0]:  # a second checkpoint: test_last_clean, ...
+        metrics = {f"test_{header['checkpoint']}_{k[len('test_'):]}": v for k, v in metrics.items()}
+    result["mlflow_metrics"] = metrics
+    result.update({k: combined[k] for k in ("shards", "shard_wall_s", "batch_size", "batch_halvings", "sessions")})
+    result["wall_s"] = sum(combined["shard_wall_s"])
+    return result
 
-    run = CellRun(tracking["uri"], settings.experiment, cell.tags(), run_id=record.get("mlflow_run_id"),
+
+def _write_result(settings: CellSettings, parts: list, out_path: Path, outcomes_path: Path, tracking: dict) -> dict:
+    header, combined, arrays = results.combine(parts)
+    result = _result(settings, header, combined)
+    result["device"] = ", ".join(dict.fromkeys(s["device"] for s, _ in parts))
+    result["outcomes"] = os.path.relpath(outcomes_path, out_path.parent)
+    results.write_outcomes(outcomes_path, arrays)
+    files.write_json(out_path, result)
+    if not tracking["enabled"]:
+        return result
+    run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=parts[0][0].get("mlflow_run_id"),
                   enabled=tracking["enabled"])
     run.log_metrics(result["mlflow_metrics"])
     run.log_artifact(out_path)
@@ -252,7 +371,11 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
 
 
 def evaluate_cell(cfg: Config, cell: Cell, run_dir: str | Path, *, threads: int | None = None) -> dict:
-    """Evaluate ``cell`` of ``cfg`` from ``run_dir``'s train.json into ``run_dir``/eval.json."""
-    run_dir = Path(run_dir)
-    return evaluate(cfg.settings(cell), run_dir / "train.json", run_dir / "eval.json", tracking=cfg.tracking,
-                    threads=threads)
+    """Evaluate every checkpoint of ``eval.checkpoints`` of ``cell`` from ``run_dir``'s train.json (unsharded):
+    ``run_dir``/eval.json for the first (returned), eval-<name>.json for the others."""
+    run_dir, settings = Path(run_dir), cfg.settings(cell)
+    out = {}
+    for i, which in enumerate(settings.eval.checkpoints):
+        out[which] = evaluate(settings, run_dir / "train.json", run_dir / ("eval.json" if i == 0 else
+                              f"eval-{which}.json"), tracking=cfg.tracking, checkpoint=which, threads=threads)
+    return out[settings.eval.checkpoints[0]]

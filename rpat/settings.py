@@ -97,7 +97,7 @@ class AutoAttackSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    checkpoint: str = "best"
+    checkpoints: list = field(default_factory=lambda: ["best"])  # the first is the primary (eval.json)
     n_examples: int | None = None
     subset: str = "stratified"  # how the n_examples are drawn from the test set (rpat/data/subsets.py)
     subset_seed: int = 0
@@ -105,6 +105,8 @@ class EvalSettings:
     pgd_steps: int = 20
     cw_steps: int = 30
     autoattack: AutoAttackSettings = field(default_factory=AutoAttackSettings)
+    block_size: int = 500  # examples per block: the unit of randomness, saved progress and sharding
+    shards: int = 1  # jobs one cell's evaluation is split into (over disjoint blocks), merged into eval.json
 
 
 RESOURCE_DEFAULTS = {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
@@ -112,6 +114,8 @@ RESOURCE_DEFAULTS = {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
 # Keys that change where and how fast a job runs, not what it computes. (channels_last and compile
 # reorder float sums, so they stay in the fingerprint: a resumed run never mixes the two.)
 SPEED_ONLY = ("device", "threads")
+# Evaluation keys that change how the work is split or which checkpoints are evaluated, not any outcome.
+EVAL_LAYOUT_ONLY = ("shards", "checkpoints")
 
 
 def defaults_of(cls) -> dict:
@@ -182,4 +186,6 @@ class CellSettings:
 
     @property
     def eval_fingerprint(self) -> str:
-        return fingerprint({"eval": self.resolved["eval"], "train": self.train_fingerprint})
+        """What determines a checkpoint's evaluation outcomes (not the sharding, not the list of checkpoints)."""
+        measured = {k: v for k, v in self.resolved["eval"].items() if k not in EVAL_LAYOUT_ONLY}
+        return fingerprint({"eval": measured, "train": self.train_fingerprint})

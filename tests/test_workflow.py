@@ -43,8 +43,9 @@ def test_dry_run_plans_the_paper_grid_quickly_without_data(tmp_path):
     seconds = time.perf_counter() - t0
     assert out.returncode == 0, out.stderr
     # 3 datasets x 4 baselines x 2 + PreActResNet-18 (2 datasets x 2 norms x 2) + WRN-34-10 x 2; each data
-    # set on disk is prepared once (downloaded if allowed, laid out, decoded into the cache) before training
-    assert job_counts(out.stdout) == {"prepare_data": 3, "train": 34, "evaluate": 34, "report": 1, "all": 1}
+    # set on disk is prepared once (downloaded if allowed, laid out, decoded into the cache) before training;
+    # each cell's best and last checkpoints are evaluated (eval.checkpoints)
+    assert job_counts(out.stdout) == {"prepare_data": 3, "train": 34, "evaluate": 68, "report": 1, "all": 1}
     print(f"planning the paper grid took {seconds:.1f} s")
 
 

@@ -43,6 +43,10 @@ wildcard_constraints:
     norm="[^/]+",
     method="[^/]+",
     seed="[0-9]+",
+    tag="(-best|-last)?",
+    which="best|last",
+    shard="[0-9]+",
+    shards="[0-9]+",
 
 
 def cell_of(wildcards):
@@ -79,9 +83,42 @@ def run_dir_of(wildcards, output):
     return os.path.dirname(output.record)
 
 
-def checkpoint_to_evaluate(wildcards, input):
-    """The checkpoint eval.checkpoint names (best or last)."""
-    return input[settings_of(wildcards).eval.checkpoint]
+def checkpoint_of_tag(wildcards):
+    """eval.json is the first of eval.checkpoints; eval-<c>.json is checkpoint c."""
+    return wildcards.tag[1:] if wildcards.tag else settings_of(wildcards).eval.checkpoints[0]
+
+
+def evaluation_tag(settings, which):
+    return "" if which == settings.eval.checkpoints[0] else f"-{which}"
+
+
+def cell_evaluations():
+    """Every cell's eval*.json, one per checkpoint of eval.checkpoints."""
+    return [f"{RUNS}/{cell.id}/eval{evaluation_tag(_settings(cell), c)}.json"
+            for cell in CELLS for c in _settings(cell).eval.checkpoints]
+
+
+def evaluation_inputs(wildcards):
+    """Unsharded: train.json and the checkpoint; sharded: the shard jobs' results."""
+    which, shards = checkpoint_of_tag(wildcards), settings_of(wildcards).eval.shards
+    cell_dir = CELL_DIR.format(**wildcards)
+    if shards == 1:
+        return {"record": f"{cell_dir}/train.json", "checkpoint": f"{cell_dir}/checkpoint-{which}.pt"}
+    stem = f"{cell_dir}/eval-shards/{which}"
+    return {"shards": [f"{stem}-{i}of{shards}.json" for i in range(1, shards + 1)],
+            "shard_outcomes": [f"{stem}-{i}of{shards}.npz" for i in range(1, shards + 1)]}
+
+
+def evaluation_source(wildcards, input):
+    """The evaluate command's inputs: evaluate the checkpoint, or merge the shard results."""
+    if "shards" in input.keys():
+        return "--merge " + " ".join(shlex.quote(p) for p in input.shards)
+    return f"--record {shlex.quote(input.record)} --checkpoint {shlex.quote(input.checkpoint)}"
+
+
+def evaluation_gpus(wildcards):
+    """A merge needs no GPU."""
+    return gpus_of(wildcards) if settings_of(wildcards).eval.shards == 1 else 0
 
 
 def data_options_of(wildcards):

@@ -1,15 +1,18 @@
-rule evaluate:
+# One job per cell and checkpoint (eval.checkpoints; the first writes eval.json + outcomes.npz, another c writes
+# eval-c.json + outcomes-c.npz). With eval.shards: N > 1, N `evaluate_shard` jobs evaluate disjoint blocks of the
+# examples and `evaluate` merges their results instead of evaluating (docs/evaluation.md).
+
+rule evaluate_shard:
     input:
         record=f"{CELL_DIR}/train.json",
-        best=f"{CELL_DIR}/checkpoint-best.pt",
-        last=f"{CELL_DIR}/checkpoint-last.pt",
+        checkpoint=f"{CELL_DIR}/checkpoint-{{which}}.pt",
     output:
-        f"{CELL_DIR}/eval.json",
+        result=f"{CELL_DIR}/eval-shards/{{which}}-{{shard}}of{{shards}}.json",
+        outcomes=f"{CELL_DIR}/eval-shards/{{which}}-{{shard}}of{{shards}}.npz",
     params:
         rpat=RPAT,
         configs=CONFIG_ARG,
         cell=cell_id,
-        checkpoint=checkpoint_to_evaluate,
         settings=eval_fingerprint,
     threads: threads_of
     resources:
@@ -17,9 +20,37 @@ rule evaluate:
         mem_mb=mem_mb_of,
         runtime=runtime_of,
     log:
-        f"{LOGS}/evaluate/{CELL_LOG}",
+        f"{LOGS}/evaluate/{PATTERN}-{{which}}-{{shard}}of{{shards}}.log",
     conda:
         "../../environment.yml"
     shell:
         "{params.rpat} evaluate --config {params.configs} --cell {params.cell} --record {input.record}"
-        " --checkpoint {params.checkpoint} --out {output} --threads {threads} > {log} 2>&1"
+        " --which {wildcards.which} --checkpoint {input.checkpoint} --shard {wildcards.shard}/{wildcards.shards}"
+        " --out {output.result} --outcomes {output.outcomes} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        unpack(evaluation_inputs),
+    output:
+        result=f"{CELL_DIR}/eval{{tag}}.json",
+        outcomes=f"{CELL_DIR}/outcomes{{tag}}.npz",
+    params:
+        rpat=RPAT,
+        configs=CONFIG_ARG,
+        cell=cell_id,
+        which=checkpoint_of_tag,
+        source=evaluation_source,
+        settings=eval_fingerprint,
+    threads: threads_of
+    resources:
+        gpu=evaluation_gpus,
+        mem_mb=mem_mb_of,
+        runtime=runtime_of,
+    log:
+        f"{LOGS}/evaluate/{PATTERN}{{tag}}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "{params.rpat} evaluate --config {params.configs} --cell {params.cell} --which {params.which}"
+        " {params.source} --out {output.result} --outcomes {output.outcomes} --threads {threads} > {log} 2>&1"
