@@ -67,16 +67,17 @@ def _stop_if_asked(stop: StopSignals, progress: Progress, where: str) -> None:
 def _measure(m, make_ctx: Callable[[int], EvalContext], progress: Progress, block: int) -> Outcome:
     """``m.measure`` on one block, halving the batch after each CUDA out-of-memory error."""
     while True:
+        ctx = make_ctx(progress.batch_size)
         try:
-            return m.measure(make_ctx(progress.batch_size))
+            return m.measure(ctx)
         except torch.cuda.OutOfMemoryError:
-            old = progress.batch_size
+            old = min(progress.batch_size, len(ctx.batches.y))
             if old == 1:
                 raise OutOfMemory(f"CUDA out of memory while measuring {m.key} on one example at a time (block "
                                   f"{block}); evaluate on a GPU with more free memory") from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            new = progress.halve(m.key, block)
+            new = progress.halve(m.key, block, len(ctx.batches.y))
             print(f"[rpat] CUDA out of memory measuring {m.key} on block {block} with batches of {old}: retrying "
                   f"with batches of {new}", file=sys.stderr)
 

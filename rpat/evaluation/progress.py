@@ -81,10 +81,11 @@ class Progress:
         self.data["stages"].get(key, {}).pop(block, None)
         self._commit(key)
 
-    def halve(self, key: str, block: int) -> int:
-        """Halve the batch size after a CUDA out-of-memory error (kept for the rest of the job and on resume)."""
+    def halve(self, key: str, block: int, examples: int) -> int:
+        """Halve the batch size actually used on a block of ``examples`` after a CUDA out-of-memory error (kept for
+        the rest of the job and on resume)."""
         old = self.batch_size
-        new = max(1, old // 2)
+        new = max(1, min(old, examples) // 2)
         self.data["batch_size"] = new
         self.data["halvings"].append({"measurement": key, "block": block, "from": old, "to": new})
         self.save()
