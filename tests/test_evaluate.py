@@ -262,3 +262,10 @@ def test_dry_run_plans_one_job_per_shard_and_a_merge_per_checkpoint(tmp_path):
     assert (f"--merge {cell_dir}/eval-shards/best-1of3.json {cell_dir}/eval-shards/best-2of3.json "
             f"{cell_dir}/eval-shards/best-3of3.json --out {cell_dir}/eval.json --outcomes {cell_dir}/outcomes.npz"
             ) in out.stdout
+
+
+@pytest.mark.parametrize("profile", ["slurm", "slurm-gres"])
+def test_slurm_profiles_signal_evaluation_jobs_before_the_time_limit(profile):
+    rules = yaml.safe_load((ROOT / "profiles" / profile / "config.v8+.yaml").read_text())["set-resources"]
+    for rule in ("train", "evaluate", "evaluate_shard"):
+        assert rules[rule]["slurm_extra"] == "'--signal=B:USR1@300'", rule
