@@ -11,6 +11,9 @@ loaded machine shifts both sides alike. Lines (``name``, ``value``, ``unit`` + i
   autoattack_wrapper_overhead  rpat's AutoAttack wrapper / pyautoattack called directly
   data_loading                 images per second delivered by the in-memory loader (crop+flip)
   data_vs_step                 loader rate / training-step rate (>1: data is not the bottleneck)
+  eval_1_shard / eval_2_shards seconds for one cell's evaluation (AutoAttack dominates) as 1 process, and as 2
+                               concurrent shard processes (``eval.shards: 2``, merged and checked equal)
+  shard_speedup                eval_1_shard / eval_2_shards
   plan_paper_grid              seconds for ``snakemake -n`` on config/paper.yaml
   demo_wall                    seconds for the whole demo grid (``--demo`` only)
   peak_rss_train / peak_rss_eval    MB of host memory of a real demo-sized job (+ device MB on GPU)
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -257,6 +261,65 @@ eval: {n_examples: 50}
 """
 
 
+SHARD_JOB = """experiment: bench-shards
+tracking: {{enabled: false}}
+grid: [{{dataset: [digits], model: [cnn], norm: [linf], method: [pgd_at], rpat: [false], seed: [0]}}]
+data: {{val_size: 100, augment: none, batch_size: 64, train_subset: 512}}
+threat: {{linf: {{eps: 0.1, step: 0.025, steps: 3}}}}
+train: {{epochs: 4, schedule: {{name: constant}}}}
+eval: {{n_examples: {n}, block_size: 8, pgd_steps: 5, cw_steps: 5}}
+"""
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rpat", *args, "--threads", "1"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(procs: list[subprocess.Popen], what: str) -> float:
+    """Wait for ``procs``; the CPU seconds they used (a loaded machine shows as CPU time well under wall time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise CannotMeasure(f"{what}: {' '.join(map(str, p.args))} failed:\n{err[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def bench_shards(out, *, quick: bool) -> None:
+    """One cell's evaluation (AutoAttack on blocks of 8) as one process, then as 2 shard processes run at once and
+    merged; the merged per-example outcomes must equal the single process's."""
+    from rpat.evaluate import read_outcomes
+
+    n = 16 if quick else 64
+    cell = "digits/cnn/linf/pgd_at/seed0"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "shards.yaml").write_text(SHARD_JOB.format(n=n))
+        job = ["--config", "shards.yaml", "--cell", cell]
+        _wait([_start(["train", *job], tmp)], "eval shards (training the cell)")
+        t0 = time.perf_counter()
+        cpu_one = _wait([_start(["evaluate", *job, "--out", "one.json"], tmp)], "eval_1_shard")
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cpu_two = _wait([_start(["evaluate", *job, "--shard", f"{i}/2", "--out", f"two-{i}.json"], tmp)
+                         for i in (1, 2)], "eval_2_shards")
+        two = time.perf_counter() - t0
+        _wait([_start(["evaluate", *job, "--merge", "two-1.json", "two-2.json", "--out", "two.json"], tmp)],
+              "eval_2_shards (merge)")
+        a, b = read_outcomes(tmp / "one.npz"), read_outcomes(tmp / "two.npz")
+        if a.keys() != b.keys() or any((a[k] != b[k]).any() for k in a):
+            raise CannotMeasure("eval_2_shards: the merged shards' outcomes differ from the single process's")
+        aa = json.loads((tmp / "one.json").read_text())["seconds"]["aa"]
+        shard_aa = [json.loads((tmp / f"two-{i}.json").read_text())["measured"]["aa"]["seconds"] for i in (1, 2)]
+    common = {"cell": cell, "n_examples": n, "block_size": 8, "threads_per_process": 1}
+    out({"name": "eval_1_shard", "value": one, "unit": "s", "autoattack_s": aa, "cpu_s": cpu_one, **common})
+    out({"name": "eval_2_shards", "value": two, "unit": "s", "processes": 2, "autoattack_s": shard_aa,
+         "cpu_s": cpu_two, **common})
+    out({"name": "shard_speedup", "value": one / two, "unit": "ratio", "cpus": os.cpu_count(), **common})
+
+
 def bench_jobs(out, *, demo: bool, quick: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -306,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", action="store_true",
                    help="also compare with the published code's step (resnet18_bottleneck, batch 16, PGD-10)")
     p.add_argument("--only", default=None,
-                   help="comma-separated sections to run: train,data,eval,reference,jobs (default: all that apply)")
+                   help="comma-separated sections to run: train,data,eval,shards,reference,jobs (default: all that "
+                   "apply)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
@@ -330,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dict(model_name="preact_resnet18", batch=128, size=32, channels=3, steps=10, repeats=10)
     else:  # CPU: a CIFAR-shaped batch through the small CNN (the reference comparison uses its own network)
         cfg = dict(model_name="cnn", batch=64, size=32, channels=3, steps=10, repeats=5)
-    sections = set(args.only.split(",")) if args.only else {"train", "data", "eval", "jobs"} | (
+    sections = set(args.only.split(",")) if args.only else {"train", "data", "eval", "shards", "jobs"} | (
         {"reference"} if args.reference else set())
     step_rate = None
     if "train" in sections:
@@ -346,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_reference(out, model_name="resnet18_bottleneck", batch=16, size=32, steps=10,
                         repeats=3 if device.type == "cpu" else 10, device=device)
     failed = []
+    if "shards" in sections:
+        try:
+            bench_shards(out, quick=args.quick)
+        except CannotMeasure as e:
+            failed.append(str(e))
     if "jobs" in sections or args.demo:
         try:
             bench_jobs(out, demo=args.demo, quick=args.quick)
