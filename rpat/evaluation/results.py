@@ -76,7 +76,17 @@ def _summed(dicts) -> dict:
     return out
 
 
-def part(progress, keys: list[str], ranges: list[range], block_ids: list[int], index: torch.Tensor) -> tuple[dict, dict]:
+def _merged(records: list[dict], correct: int, seconds: float) -> dict:
+    """One measurement's stats over several blocks (or shards): counts summed, warnings and details collected."""
+    details: dict = {}
+    for r in records:
+        details.update(r["details"])
+    return {"correct": correct, "counts": _summed(r["counts"] for r in records),
+            "warnings": _union(r["warnings"] for r in records), "details": details, "seconds": seconds}
+
+
+def part(progress, keys: list[str], ranges: list[range], block_ids: list[int],
+         index: torch.Tensor) -> tuple[dict, dict]:
     """One job's part from its finished progress (``keys``: the measurements that ran)."""
     mine = torch.cat([index[ranges[b].start:ranges[b].stop] for b in block_ids]) if block_ids else index[:0]
     arrays = {"index": mine.cpu().numpy().astype(np.int64)}
@@ -85,12 +95,7 @@ def part(progress, keys: list[str], ranges: list[range], block_ids: list[int], i
         recs = [progress.finished(key, b) for b in block_ids]
         flags = torch.cat([r["correct"] for r in recs]) if recs else torch.zeros(0, dtype=torch.bool)
         arrays[key] = flags.numpy()
-        details = {}
-        for r in recs:
-            details.update(r["details"])
-        measured[key] = {"correct": int(flags.sum()), "counts": _summed(r["counts"] for r in recs),
-                         "warnings": _union(r["warnings"] for r in recs), "details": details,
-                         "seconds": progress.data["seconds"].get(key, 0.0)}
+        measured[key] = _merged(recs, int(flags.sum()), progress.data["seconds"].get(key, 0.0))
     stats = {"measured": measured, "blocks": block_ids, "n_examples": len(mine), "batch_size": progress.batch_size,
              "batch_halvings": progress.data["halvings"], "sessions": progress.data["sessions"]}
     return stats, arrays
@@ -130,12 +135,7 @@ def combine(parts: list[tuple[dict, dict]]) -> tuple[dict, dict, dict]:
     for key in stats0["measured"]:
         arrays[key] = np.concatenate([a[key] for _, a in parts])[order]
         ms = [s["measured"][key] for s, _ in parts]
-        details = {}
-        for m in ms:
-            details.update(m["details"])
-        measured[key] = {"correct": int(arrays[key].sum()), "counts": _summed(m["counts"] for m in ms),
-                         "warnings": _union(m["warnings"] for m in ms), "details": details,
-                         "seconds": sum(m["seconds"] for m in ms)}
+        measured[key] = _merged(ms, int(arrays[key].sum()), sum(m["seconds"] for m in ms))
     by_shard = sorted(parts, key=lambda p: p[0]["shard"]["index"])
     layout = {"shards": n_shards, "shard_wall_s": [s["wall_s"] for s, _ in by_shard],
               "batch_size": min(s["batch_size"] for s, _ in parts),
