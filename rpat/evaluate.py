@@ -297,8 +297,10 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
     check_belongs(settings, record, record_path, ckpt, ckpt_path)
     x, y, index = evaluated_examples(settings)
     header = _header(settings, record, which, ckpt, index)
+    # what makes parts (and saved progress) belong together; the device type too: CPU and CUDA generators differ
     key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
-           "checkpoint_digest": _file_digest(ckpt_path), "examples_digest": header["examples"]["digest"]}
+           "checkpoint_digest": _file_digest(ckpt_path), "examples_digest": header["examples"]["digest"],
+           "device_type": device.type}
     state = record_path.parent / "eval-state" / (f"{which}.pt" if n_shards == 1 else f"{which}-{i}of{n_shards}.pt")
     stats, arrays, progress = _measure(settings, model, (x, y, index), key, state, (i, n_shards), device)
     stats.update(header=header, key=key, shard={"index": i, "of": n_shards}, device=str(device),

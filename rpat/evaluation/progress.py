@@ -7,7 +7,7 @@ stage to ``<cell>/eval-state/<checkpoint>[-<i>of<N>].pt``, a file no workflow ru
 deletes it when a job fails nor asks for it), and removed once the job's results are written.
 
 The state is keyed by everything that determines the outcomes (the evaluation fingerprint, the checkpoint file's
-digest, the evaluated examples, the shard): a state with another key is ignored, so changed settings or a
+digest, the evaluated examples, the shard, the device type): a state with another key is ignored, so changed settings or a
 retrained checkpoint start over instead of mixing two evaluations.
 """
 

@@ -117,8 +117,8 @@ def combine(parts: list[tuple[dict, dict]]) -> tuple[dict, dict, dict]:
     stats0 = parts[0][0]
     n_shards = stats0["shard"]["of"]
     if any(s["key"] != stats0["key"] for s, _ in parts):
-        raise MergeError("the shard results were computed with different settings, checkpoints or examples; rerun "
-                         "the evaluation's shard jobs (delete their results first)")
+        raise MergeError("the shard results were computed with different settings, checkpoints, examples or device "
+                         "types; rerun the evaluation's shard jobs (delete their results first)")
     got = sorted(s["shard"]["index"] for s, _ in parts)
     if got != list(range(1, n_shards + 1)):
         raise MergeError(f"shards {got} given, but the evaluation was split into {n_shards} (1..{n_shards}); give each "
