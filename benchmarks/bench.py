@@ -287,37 +287,50 @@ def _wait(procs: list[subprocess.Popen], what: str) -> float:
     return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
+def _evaluate_sharded(job: list[str], tmp: Path, shards: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one evaluation as ``shards`` concurrent processes (merged when more than one)."""
+    names = ["one.json"] if shards == 1 else [f"two-{i}.json" for i in range(1, shards + 1)]
+    args = [["--out", names[0]]] if shards == 1 else [["--shard", f"{i}/{shards}", "--out", name]
+                                                      for i, name in enumerate(names, 1)]
+    t0 = time.perf_counter()
+    cpu = _wait([_start(["evaluate", *job, *a], tmp) for a in args], f"eval_{shards}_shard{'s' * (shards > 1)}")
+    wall = time.perf_counter() - t0
+    if shards > 1:
+        _wait([_start(["evaluate", *job, "--merge", *names, "--out", "two.json"], tmp)], "eval_2_shards (merge)")
+    return wall, cpu
+
+
 def bench_shards(out, *, quick: bool) -> None:
-    """One cell's evaluation (AutoAttack on blocks of 8) as one process, then as 2 shard processes run at once and
-    merged; the merged per-example outcomes must equal the single process's."""
+    """One cell's evaluation (AutoAttack on blocks of 8) as one process and as 2 shard processes run at once and
+    merged (in the order 1, 2 then 2, 1 unless quick, medians), checking that the merged per-example outcomes
+    equal the single process's."""
     from rpat.evaluate import read_outcomes
 
     n = 16 if quick else 64
     cell = "digits/cnn/linf/pgd_at/seed0"
+    times: dict[int, list] = {1: [], 2: []}
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "shards.yaml").write_text(SHARD_JOB.format(n=n))
         job = ["--config", "shards.yaml", "--cell", cell]
         _wait([_start(["train", *job], tmp)], "eval shards (training the cell)")
-        t0 = time.perf_counter()
-        cpu_one = _wait([_start(["evaluate", *job, "--out", "one.json"], tmp)], "eval_1_shard")
-        one = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cpu_two = _wait([_start(["evaluate", *job, "--shard", f"{i}/2", "--out", f"two-{i}.json"], tmp)
-                         for i in (1, 2)], "eval_2_shards")
-        two = time.perf_counter() - t0
-        _wait([_start(["evaluate", *job, "--merge", "two-1.json", "two-2.json", "--out", "two.json"], tmp)],
-              "eval_2_shards (merge)")
+        for shards in (1, 2) if quick else (1, 2, 2, 1):  # a drifting load hits both alike
+            times[shards].append(_evaluate_sharded(job, tmp, shards))
+        load.append(os.getloadavg()[0])
         a, b = read_outcomes(tmp / "one.npz"), read_outcomes(tmp / "two.npz")
         if a.keys() != b.keys() or any((a[k] != b[k]).any() for k in a):
             raise CannotMeasure("eval_2_shards: the merged shards' outcomes differ from the single process's")
         aa = json.loads((tmp / "one.json").read_text())["seconds"]["aa"]
         shard_aa = [json.loads((tmp / f"two-{i}.json").read_text())["measured"]["aa"]["seconds"] for i in (1, 2)]
-    common = {"cell": cell, "n_examples": n, "block_size": 8, "threads_per_process": 1}
-    out({"name": "eval_1_shard", "value": one, "unit": "s", "autoattack_s": aa, "cpu_s": cpu_one, **common})
+    one, two = (statistics.median(w for w, _ in times[k]) for k in (1, 2))
+    common = {"cell": cell, "n_examples": n, "block_size": 8, "threads_per_process": 1, "repeats": len(times[1])}
+    out({"name": "eval_1_shard", "value": one, "unit": "s", "autoattack_s": aa,
+         "cpu_s": statistics.median(c for _, c in times[1]), **common})
     out({"name": "eval_2_shards", "value": two, "unit": "s", "processes": 2, "autoattack_s": shard_aa,
-         "cpu_s": cpu_two, **common})
-    out({"name": "shard_speedup", "value": one / two, "unit": "ratio", "cpus": os.cpu_count(), **common})
+         "cpu_s": statistics.median(c for _, c in times[2]), **common})
+    out({"name": "shard_speedup", "value": one / two, "unit": "ratio", "cpus": os.cpu_count(),
+         "load_avg_before_after": load, **common})
 
 
 def bench_jobs(out, *, demo: bool, quick: bool = False) -> None:
