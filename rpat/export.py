@@ -13,7 +13,9 @@ The ``.pt`` file holds ``{"state_dict": ..., "rpat_model": ..., "epoch": ...}``:
 ``"state_dict"``, as the zoo's files hold it, with the keys of the registered architecture (``rpat.models.build(...)
 .net``); the normalisation is not in the weights (as for the zoo's Rice2020Overfitting) but in ``rpat_model``
 (``model_name``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``), the arguments of
-``rpat.models.build`` that rebuild the model on inputs in [0, 1].
+``rpat.models.build`` that rebuild the model on inputs in [0, 1]. The keys of ``preact_resnet18``, ``wrn28_10`` and
+``wrn34_10`` are those of the zoo's ``PreActResNet(PreActBlockV2, [2, 2, 2, 2], bn_before_fc=True)`` and
+``WideResNet(depth, 10)``, so their exports load strictly into those classes too.
 """
 
 from __future__ import annotations
