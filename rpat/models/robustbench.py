@@ -6,7 +6,7 @@ imports the module ``autoattack``; only the GitHub build of AutoAttack provides 
 ``pyautoattack`` that robustbench 1.1.1 declares installs as ``pyautoattack``. Its ``loaders`` module also imports
 ``pkg_resources``, which setuptools 81 and later no longer ship. So this module reads the zoo's on-disk format with
 architectures that have the zoo's state_dict keys and forward pass (tests/test_robustbench.py pins their
-parameter counts to those of the zoo's own classes).
+parameter counts, and their logits on seeded weights, to those of the zoo's own classes).
 
 On-disk layout, as RobustBench's ``load_model`` reads it: ``<model_dir>/<dataset>/<threat_model>/<name>.pt``, a
 torch file holding the state_dict, either bare or under ``"state_dict"`` (some under another key, e.g. ``"last"``),
