@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from rpat import checkpoint as ckpt_io
-from rpat import models, runtime
+from rpat import files, models
 from rpat.errors import UserError
 
 # The leaderboard's architecture strings for rpat's registered models; others keep their rpat name.
@@ -119,7 +119,7 @@ def _records(run_dir: Path, which: str) -> tuple[dict, dict]:
     for p in paths:
         if not p.is_file():
             raise ExportError(f"{p} does not exist; train and evaluate the cell before exporting it")
-    train, evaluation = (runtime.read_json(p) for p in paths)
+    train, evaluation = (files.read_json(p) for p in paths)
     if which not in train.get("checkpoints", {}):
         raise ExportError(f"checkpoint {which!r} is not one of the cell's ({', '.join(train.get('checkpoints', {}))})")
     measured = evaluation.get("checkpoint")
@@ -151,6 +151,6 @@ def export_cell(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "bes
     name = name or export_name(train["cell"])
     pt_path, json_path = out_dir / f"{name}.pt", out_dir / f"{name}.json"
     payload = {"state_dict": model.net.state_dict(), "rpat_model": meta, "epoch": ckpt.get("epoch")}
-    runtime.atomic_write(pt_path, lambda tmp: torch.save(payload, tmp))
-    runtime.write_json(json_path, info)
+    files.atomic_write(pt_path, lambda tmp: torch.save(payload, tmp))
+    files.write_json(json_path, info)
     return {"pt": str(pt_path), "json": str(json_path), "info": info}

@@ -3,26 +3,29 @@
 import pytest
 import torch
 
-from rpat import checkpoint, data, evaluate, models, runtime, train
+from rpat import accuracy, checkpoint, data, files, models
+from rpat.settings import Threat
 from rpat.export import ExportError, eps_string, export_cell, model_info, percent_string
 
 CELL = "digits/cnn/linf/pgd_at/seed0"
-THREAT = {"eps": 8 / 255, "step": 2 / 255, "norm": "linf"}
+THREAT = Threat(norm="linf", eps=8 / 255, step=2 / 255, steps=0)
 LEADERBOARD_KEYS = ["link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
                     "architecture", "eps", "clean_acc", "reported", "autoattack_acc"]
 
 
 def _clean_accuracy(model, splits) -> float:
     x, y = splits.test
-    return evaluate.accuracies(model, data.Batches(data.to_float(x), y, 100), THREAT, steps=0)["clean"]
+    return accuracy.accuracies(model, data.Batches(data.to_float(x), y, 100), THREAT, steps=0)["clean"]
 
 
 @pytest.fixture(scope="module")
 def cell_dir(tmp_path_factory):
     """A trained cnn on digits, saved as rpat saves a cell: checkpoint (with model_meta), train.json, eval.json."""
     splits = data.load_splits("digits", {"val_size": 0})
+    shape = {"num_classes": splits.num_classes, "in_channels": splits.channels, "image_size": splits.image_size,
+             "mean": splits.mean, "std": splits.std}
     torch.manual_seed(0)
-    model = train.build_model_for(splits, "cnn")
+    model = models.build("cnn", **shape)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = splits.train
     for xb, yb in data.Batches(data.to_float(x), y, 64, shuffle=True):  # one epoch: 93.5% clean
@@ -32,11 +35,11 @@ def cell_dir(tmp_path_factory):
     clean = _clean_accuracy(model, splits)
     run_dir = tmp_path_factory.mktemp("cell")
     checkpoint.save({"model": model.state_dict(), "epoch": 3, "fingerprint": "test",
-                     **train.model_meta(splits, "cnn")}, run_dir / "checkpoint-best.pt")
-    runtime.write_json(run_dir / "train.json", {
+                     **models.meta("cnn", **shape)}, run_dir / "checkpoint-best.pt")
+    files.write_json(run_dir / "train.json", {
         "cell": CELL, "dataset": "digits", "model": "cnn", "norm": "linf", "method": "pgd_at", "rpat": False,
         "seed": 0, "checkpoints": {"best": "checkpoint-best.pt", "last": "checkpoint-last.pt"}})
-    runtime.write_json(run_dir / "eval.json", {
+    files.write_json(run_dir / "eval.json", {
         "cell": CELL, "dataset": "digits", "checkpoint": "best", "n_examples": len(splits.test[1]), "norm": "linf",
         "eps": 8 / 255, "clean": clean, "aa": 37.25, "aa_version": "standard"})
     return run_dir, splits, clean
@@ -49,7 +52,7 @@ def test_export_reproduces_the_recorded_clean_accuracy(cell_dir, tmp_path):
 
     pt, js = (tmp_path / "export" / f"digits_cnn_linf_pgd_at_seed0.{ext}" for ext in ("pt", "json"))
     assert (out["pt"], out["json"]) == (str(pt), str(js))
-    info = runtime.read_json(js)
+    info = files.read_json(js)
     assert list(info) == LEADERBOARD_KEYS
     assert info == {"link": "https://example.org/paper", "name": "A test cell", "authors": "",
                     "additional_data": False,
@@ -73,7 +76,7 @@ def test_export_refuses_a_checkpoint_eval_did_not_measure(cell_dir, tmp_path):
 
 
 def test_export_needs_an_evaluated_cell(tmp_path):
-    runtime.write_json(tmp_path / "train.json", {"cell": CELL})
+    files.write_json(tmp_path / "train.json", {"cell": CELL})
     with pytest.raises(ExportError, match="eval.json does not exist; train and evaluate"):
         export_cell(tmp_path, tmp_path / "out")
 

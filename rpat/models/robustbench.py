@@ -32,7 +32,7 @@ from rpat.errors import UnknownName, UserError
 from rpat.models import Normalized, param_count
 from rpat.models.preact_resnet import PreActBlock, PreActResNet
 from rpat.models.wide_resnet import NetworkBlock, WideResNet
-from rpat.runtime import atomic_write
+from rpat.files import atomic_write
 
 THREAT_MODELS = {"linf": "Linf", "l2": "L2"}  # rpat's norm names -> the zoo's directory names
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
