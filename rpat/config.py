@@ -168,9 +168,11 @@ class Config:
 
 
 def _check_semantics(cfg: Config) -> None:
+    from rpat import zoo
     from rpat.catalog import catalog
 
-    objectives = catalog()["objectives"]
+    cat = catalog()
+    objectives = cat["objectives"]
     problems_ = []
     for i, block in enumerate(cfg.blocks()):
         for method in block["method"]:
@@ -187,6 +189,7 @@ def _check_semantics(cfg: Config) -> None:
             problems_.append(f"cell {cell.id}: no threat.{cell.norm} settings")
             continue
         s = cfg.settings(cell)
+        problems_ += zoo.cell_problems(cell, s.method, cat)
         if s.rpat is not None and s.rpat.start_epoch > s.train.epochs:
             problems_.append(f"cell {cell.id}: rpat.start_epoch={s.rpat.start_epoch} is after the last epoch "
                              f"({s.train.epochs})")

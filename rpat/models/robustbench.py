@@ -27,14 +27,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rpat import zoo
 from rpat.checkpoint import CheckpointError
 from rpat.errors import UnknownName, UserError
-from rpat.models import Normalized, param_count
+from rpat.files import atomic_write
+from rpat.models import Normalized, meta, param_count
 from rpat.models.preact_resnet import PreActBlock, PreActResNet
 from rpat.models.wide_resnet import NetworkBlock, WideResNet
-from rpat.files import atomic_write
 
-THREAT_MODELS = {"linf": "Linf", "l2": "L2"}  # rpat's norm names -> the zoo's directory names
+LEADERBOARD_EPS = {"Linf": 8 / 255, "L2": 0.5}  # the radius the CIFAR leaderboards rank at, per threat model
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)  # the zoo's constant for Rice2020Overfitting and Wong2020Fast
 PREFIXES = ("module.", "model.")  # stripped in this order, as the zoo does for CIFAR-10 files
@@ -143,9 +144,10 @@ ZOO: dict[tuple[str, str, str], ZooEntry] = {(e.dataset, e.threat_model, e.name)
 
 
 def zoo_entry(name: str, dataset: str = "cifar10", threat_model: str = "Linf") -> ZooEntry:
-    """The supported entry ``name`` for ``dataset``/``threat_model`` (``linf``/``l2`` accepted for the latter)."""
-    tm = THREAT_MODELS.get(threat_model.lower(), threat_model)
-    key = (dataset, tm, name)
+    """The supported entry ``name`` (``robustbench:`` prefix optional) for ``dataset``/``threat_model``
+    (``linf``/``l2`` accepted for the latter)."""
+    tm = zoo.zoo_threat_model(threat_model)
+    key = (dataset, tm, zoo.entry_name(name))
     if key not in ZOO:
         known = ", ".join(f"{d}/{t}/{n}" for d, t, n in ZOO)
         raise UnknownName(f"RobustBench entry {dataset}/{tm}/{name} is not supported by rpat; supported: {known}")
@@ -200,6 +202,29 @@ def download_entry(entry: ZooEntry, path: Path) -> None:
                         f"({type(e).__name__}: {str(e)[:200]}); place the file at {path} instead") from None
 
 
+def entry_meta(entry: ZooEntry) -> dict:
+    """What an rpat checkpoint of the entry records to rebuild it (:func:`rpat.models.build_from_meta`): the
+    model name ``robustbench:<entry>``, shape, the normalisation inside the zoo's model, and ``zoo_entry``."""
+    mean, std = entry.normalization or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    return {**meta(zoo.PREFIX + entry.name, num_classes=entry.num_classes, in_channels=3,
+                   image_size=entry.image_size, mean=mean, std=std),
+            "zoo_entry": {"dataset": entry.dataset, "threat_model": entry.threat_model, "name": entry.name}}
+
+
+def build_from_meta(m: dict) -> Normalized:
+    """The entry's architecture (untrained) on inputs in [0, 1], from :func:`entry_meta`'s record."""
+    entry = zoo_entry(**m["zoo_entry"])
+    return Normalized(entry.build(), m["mean"], m["std"])
+
+
+def catalog_entries() -> dict[str, list[str]]:
+    """``robustbench:<entry>`` -> its ``<dataset>/<threat model>`` pairs, for the config's catalog."""
+    out: dict[str, list[str]] = {}
+    for e in ENTRIES:
+        out.setdefault(zoo.PREFIX + e.name, []).append(f"{e.dataset}/{e.threat_model}")
+    return out
+
+
 def load_robustbench(name: str, *, model_dir: str | Path, dataset: str = "cifar10", threat_model: str = "Linf",
                      download: bool = False) -> tuple[nn.Module, dict]:
     """Load zoo entry ``name`` from ``model_dir``: (model on inputs in [0, 1], in eval mode, on the CPU; info).
@@ -215,19 +240,18 @@ def load_robustbench(name: str, *, model_dir: str | Path, dataset: str = "cifar1
             raise ZooFileMissing(
                 f"RobustBench model {entry.dataset}/{entry.threat_model}/{entry.name} is not in the model directory: "
                 f"{path} does not exist; place the zoo's {entry.name}.pt there, or turn downloading on "
-                "(download: true) on a machine with internet")
+                "(methods.pretrained.download: true) on a machine with internet")
         download_entry(entry, path)
     state_dict = read_state_dict(path, entry)
-    net = entry.build()
+    m = entry_meta(entry)
+    model = build_from_meta(m)
     try:
-        net.load_state_dict(state_dict, strict=True)
+        model.net.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"RobustBench checkpoint {path} does not fit the {entry.architecture} of "
                               f"{entry.name}: {str(e)[:400]}") from None
-    mean, std = entry.normalization or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    model = Normalized(net, mean, std).eval()
     info = {"name": entry.name, "dataset": entry.dataset, "threat_model": entry.threat_model,
             "architecture": entry.architecture, "num_classes": entry.num_classes, "in_channels": 3,
-            "image_size": entry.image_size, "mean": list(mean), "std": list(std), "params": param_count(model),
+            "image_size": entry.image_size, "mean": m["mean"], "std": m["std"], "params": param_count(model),
             "path": str(path)}
-    return model, info
+    return model.eval(), info
