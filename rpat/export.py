@@ -12,9 +12,9 @@ is the directory the file goes into on submission.
 The ``.pt`` file holds ``{"state_dict": ..., "rpat_model": ..., "epoch": ...}``: the network's state_dict under
 ``"state_dict"``, as the zoo's files hold it, with the keys of the registered architecture (``rpat.models.build(...)
 .net``); the normalisation is not in the weights (as for the zoo's Rice2020Overfitting) but in ``rpat_model``
-(``model_name``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``), the arguments of
-``rpat.models.build`` that rebuild the model on inputs in [0, 1]. The keys of ``preact_resnet18``, ``wrn28_10`` and
-``wrn34_10`` are those of the zoo's ``PreActResNet(PreActBlockV2, [2, 2, 2, 2], bn_before_fc=True)`` and
+(``model_name``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``, and ``zoo_entry`` for a
+RobustBench cell), from which ``rpat.models.build_from_meta`` rebuilds the model on inputs in [0, 1]. The keys of
+``preact_resnet18``, ``wrn28_10`` and ``wrn34_10`` are those of the zoo's ``PreActResNet(PreActBlockV2, [2, 2, 2, 2], bn_before_fc=True)`` and
 ``WideResNet(depth, 10)``, so their exports load strictly into those classes too.
 """
 
@@ -29,6 +29,7 @@ import torch
 from rpat import checkpoint as ckpt_io
 from rpat import files, models
 from rpat.errors import UserError
+from rpat.models import robustbench
 
 # The leaderboard's architecture strings for rpat's registered models; others keep their rpat name.
 ARCHITECTURES = {
@@ -39,7 +40,6 @@ ARCHITECTURES = {
     "wrn34_10": "WideResNet-34-10",
 }
 LEADERBOARD_EXAMPLES = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 5_000}  # test images AutoAttack runs on
-META_KEYS = ("model_name", "num_classes", "in_channels", "image_size", "mean", "std")  # rpat.train.model_meta
 
 
 class ExportError(UserError, ValueError):
@@ -65,7 +65,10 @@ def _footnote(evaluation: dict, footnote: str | None) -> str | None:
     full = LEADERBOARD_EXAMPLES.get(evaluation.get("dataset", ""))
     n = evaluation.get("n_examples")
     if full is not None and n is not None and n < full:
-        notes.append(f"Evaluated on the first {n} test images, not {full:,}.")
+        drawn = evaluation.get("examples", {})
+        which = (f"the first {n} test images" if drawn.get("subset", "first") == "first" else
+                 f"{n} test images drawn {drawn['subset']} (seed {drawn.get('seed')})")
+        notes.append(f"Evaluated on {which}, not {full:,}.")
     version = evaluation.get("aa_version", "standard")
     if version != "standard":
         notes.append(f"AutoAttack version {version!r}, not 'standard'.")
@@ -114,39 +117,55 @@ def export_name(cell_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", cell_id).strip("_")
 
 
-def _records(run_dir: Path, which: str) -> tuple[dict, dict]:
+def eval_path(run_dir: Path, evaluation: dict, which: str) -> Path:
+    """Where the cell's evaluation of checkpoint ``which`` is: eval.json for the primary checkpoint (the one it
+    records), ``eval-<which>.json`` for any other."""
+    return run_dir / ("eval.json" if evaluation.get("checkpoint") == which else f"eval-{which}.json")
+
+
+def _records(run_dir: Path, which: str, expected: tuple[str, str] | None) -> tuple[dict, dict]:
+    """train.json and the evaluation of checkpoint ``which``; ``expected`` = (cell id, training fingerprint) the
+    config gives the cell, checked where given."""
     paths = [run_dir / "train.json", run_dir / "eval.json"]
     for p in paths:
         if not p.is_file():
             raise ExportError(f"{p} does not exist; train and evaluate the cell before exporting it")
-    train, evaluation = (files.read_json(p) for p in paths)
+    train = files.read_json(paths[0])
+    if expected is not None and (train.get("cell"), train.get("fingerprint")) != expected:
+        raise ExportError(f"{paths[0]} is not the record of cell {expected[0]} as the config defines it (cell "
+                          f"{train.get('cell')!r}, other training settings); rerun the cell (snakemake does) or "
+                          "export with the config it was run with")
     if which not in train.get("checkpoints", {}):
         raise ExportError(f"checkpoint {which!r} is not one of the cell's ({', '.join(train.get('checkpoints', {}))})")
-    measured = evaluation.get("checkpoint")
-    if measured != which:
-        raise ExportError(f"{paths[1]} measured the {measured!r} checkpoint, not {which!r}: export checkpoint "
-                          f"{measured!r}, or re-evaluate with eval.checkpoint: {which}")
-    return train, evaluation
+    primary = files.read_json(paths[1])
+    path = eval_path(run_dir, primary, which)
+    if not path.is_file():
+        raise ExportError(f"the cell's evaluation did not measure its {which!r} checkpoint ({path} does not exist): "
+                          f"export checkpoint {primary.get('checkpoint')!r}, which eval.json measured, or evaluate "
+                          f"{which!r} first")
+    return train, primary if path == paths[1] else files.read_json(path)
 
 
 def export_cell(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", *, name: str | None = None,
-                **fields) -> dict:
+                expected: tuple[str, str] | None = None, **fields) -> dict:
     """Write ``<out_dir>/<name>.pt`` (the weights, zoo layout) and ``<out_dir>/<name>.json`` (model info).
 
-    ``run_dir`` is the cell's directory (train.json, eval.json, checkpoints); ``checkpoint`` must be the one its
-    eval.json measured. ``fields`` go to :func:`model_info`. Returns the paths and the model info.
+    ``run_dir`` is the cell's directory (train.json, eval.json, checkpoints); ``checkpoint`` must be one its
+    evaluation measured. ``expected`` (cell id, training fingerprint) refuses a run directory that the config's
+    cell did not write. ``fields`` go to :func:`model_info`. Returns the paths and the model info.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    train, evaluation = _records(run_dir, checkpoint)
-    info = model_info(train, evaluation, **fields)
+    train, evaluation = _records(run_dir, checkpoint, expected)
     ckpt_path = run_dir / train["checkpoints"][checkpoint]
     ckpt = ckpt_io.load(ckpt_path)
-    missing = [k for k in META_KEYS if k not in ckpt]
+    missing = [k for k in models.META_KEYS if k not in ckpt]
     if missing:
         raise ExportError(f"{ckpt_path} lacks {', '.join(missing)}, needed to rebuild its model; re-train the cell")
-    meta = {k: ckpt[k] for k in META_KEYS}
-    model = models.build(meta["model_name"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-                         image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
+    meta = {k: ckpt[k] for k in (*models.META_KEYS, "zoo_entry") if k in ckpt}
+    if "zoo_entry" in meta:  # a RobustBench cell: the leaderboard's own architecture name
+        fields.setdefault("architecture", robustbench.zoo_entry(**meta["zoo_entry"]).architecture)
+    info = model_info(train, evaluation, **fields)
+    model = models.build_from_meta(meta)
     model.load_state_dict(ckpt["model"])  # checks the weights fit the architecture before anything is written
     name = name or export_name(train["cell"])
     pt_path, json_path = out_dir / f"{name}.pt", out_dir / f"{name}.json"

@@ -1,9 +1,15 @@
-"""rpat.export: a hand-built digits cell exported in RobustBench's layout, loaded back, clean accuracy reproduced."""
+"""rpat.export and `rpat export`: digits cells exported in RobustBench's layout, loaded back, clean accuracy
+reproduced (a hand-built cell in-process; a cell rpat trained and evaluated through the CLI)."""
+
+import json
+import shutil
 
 import pytest
 import torch
+import yaml
+from tiny import tiny_config
 
-from rpat import accuracy, checkpoint, data, files, models
+from rpat import accuracy, checkpoint, cli, config, data, evaluate, files, models, train
 from rpat.settings import Threat
 from rpat.export import ExportError, eps_string, export_cell, model_info, percent_string
 
@@ -70,7 +76,7 @@ def test_export_reproduces_the_recorded_clean_accuracy(cell_dir, tmp_path):
 
 def test_export_refuses_a_checkpoint_eval_did_not_measure(cell_dir, tmp_path):
     run_dir, _, _ = cell_dir
-    with pytest.raises(ExportError, match="measured the 'best' checkpoint, not 'last'"):
+    with pytest.raises(ExportError, match="did not measure its 'last' checkpoint .* export checkpoint 'best'"):
         export_cell(run_dir, tmp_path, checkpoint="last")
     assert not list(tmp_path.iterdir())
 
@@ -122,3 +128,64 @@ def test_eps_string(eps, expected):
                                           (62.499, "62.5")])
 def test_percent_string(acc, expected):
     assert percent_string(acc) == expected
+
+
+def test_export_of_another_checkpoint_reads_its_own_evaluation(cell_dir, tmp_path):
+    """eval-<checkpoint>.json holds the evaluation of a checkpoint other than the primary one."""
+    run_dir, _, _ = cell_dir
+    copy = tmp_path / "cell"
+    shutil.copytree(run_dir, copy)
+    shutil.copyfile(copy / "checkpoint-best.pt", copy / "checkpoint-last.pt")
+    files.write_json(copy / "eval-last.json", {**files.read_json(copy / "eval.json"), "checkpoint": "last",
+                                               "clean": 12.5, "aa": 10.0})
+    info = export_cell(copy, tmp_path / "out", checkpoint="last")["info"]
+    assert (info["clean_acc"], info["autoattack_acc"]) == ("12.5", "10.0")
+
+
+@pytest.fixture(scope="module")
+def evaluated_cell(tmp_path_factory):
+    """A digits cell trained and evaluated (AutoAttack included) by rpat itself, from a config file. Standard
+    training: a model AutoAttack breaks at once, so the test stays fast (a robust one keeps Square busy for minutes)."""
+    root = tmp_path_factory.mktemp("cli")
+    raw = tiny_config(results_dir=str(root / "results"), tracking={"enabled": False},
+                      data={"batch_size": 32}, train={"epochs": 3}, eval={"n_examples": 16})
+    raw["grid"] = [{**raw["grid"][0], "method": ["ce"], "rpat": [False]}]
+    cfg_path = root / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = config.load(cfg_path)
+    cell = cfg.cells()[0]
+    train.train_cell(cfg, cell, cfg.run_dir(cell))
+    return cfg_path, cfg, cell, evaluate.evaluate_cell(cfg, cell, cfg.run_dir(cell))
+
+
+def test_cli_export_reproduces_the_evaluated_clean_accuracy(evaluated_cell, tmp_path, capsys):
+    cfg_path, cfg, cell, result = evaluated_cell
+    rc = cli.main(["export", "--config", str(cfg_path), "--cell", cell.id, "--out", str(tmp_path / "sub"),
+                   "--title", "Tiny", "--venue", "Test 2026", "--reported", "40"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"pt": str(tmp_path / "sub" / "digits_cnn_linf_ce_seed0.pt"),
+                   "json": str(tmp_path / "sub" / "digits_cnn_linf_ce_seed0.json")}
+    info = files.read_json(out["json"])
+    assert (info["name"], info["venue"], info["reported"]) == ("Tiny", "Test 2026", "40.0")
+    assert (info["clean_acc"], info["autoattack_acc"]) == (percent_string(result["clean"]), percent_string(result["aa"]))
+    assert info["eps"] == "0.3" and info["architecture"] == "cnn"
+
+    saved = torch.load(out["pt"], map_location="cpu", weights_only=True)
+    model = models.build_from_meta(saved["rpat_model"])
+    model.net.load_state_dict(saved["state_dict"])
+    x, y, _ = evaluate.evaluated_examples(cfg.settings(cell))
+    assert result["clean"] > 50  # trained: the weights matter
+    assert 100.0 * float(accuracy.correct(model.eval(), x, y).sum()) / len(y) == result["clean"]
+
+
+def test_cli_export_refuses_a_cell_trained_with_other_settings(evaluated_cell, tmp_path, capsys):
+    cfg_path, _, cell, _ = evaluated_cell
+    changed = yaml.safe_load(cfg_path.read_text())
+    changed["train"]["lr"] = 0.01
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    assert cli.main(["export", "--config", str(other), "--cell", cell.id, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rpat export: error:" in err and "other training settings" in err
+    assert not (tmp_path / "x").exists()
