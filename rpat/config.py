@@ -162,8 +162,11 @@ class Config:
     def settings(self, cell: Cell) -> S.CellSettings:
         """The cell's typed settings, resolved once per cell."""
         if cell not in self._settings:
+            from rpat.catalog import catalog
+
             resolved = self.resolve(cell)
-            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved))
+            pretrained = catalog()["objectives"].get(cell.method, {}).get("pretrained", False)
+            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved), pretrained)
         return self._settings[cell]
 
 

@@ -14,8 +14,9 @@ The ``.pt`` file holds ``{"state_dict": ..., "rpat_model": ..., "epoch": ...}``:
 .net``); the normalisation is not in the weights (as for the zoo's Rice2020Overfitting) but in ``rpat_model``
 (``model_name``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``, and ``zoo_entry`` for a
 RobustBench cell), from which ``rpat.models.build_from_meta`` rebuilds the model on inputs in [0, 1]. The keys of
-``preact_resnet18``, ``wrn28_10`` and ``wrn34_10`` are those of the zoo's ``PreActResNet(PreActBlockV2, [2, 2, 2, 2], bn_before_fc=True)`` and
-``WideResNet(depth, 10)``, so their exports load strictly into those classes too.
+``preact_resnet18``, ``wrn28_10`` and ``wrn34_10`` are those of the zoo's ``PreActResNet(PreActBlockV2,
+[2, 2, 2, 2], bn_before_fc=True)`` and ``WideResNet(depth, 10)``, so their exports load strictly into those
+classes too.
 """
 
 from __future__ import annotations

@@ -105,12 +105,19 @@ def test_a_data_set_the_zoo_lacks_needs_the_zoo_data_set():
     assert "set methods.pretrained.dataset to the zoo data set it was trained on (cifar10)" in msg
 
 
-def test_pretrained_settings_enter_the_training_fingerprint_of_pretrained_cells_only():
-    cfg_a = config.from_dict({"experiment": "t", "grid": [_grid()["grid"][0], _grid("cnn", "pgd_at")["grid"][0]]})
-    cfg_b = config.from_dict({**cfg_a.raw, "methods": {"pretrained": {"model_dir": "elsewhere"}}})
-    zoo_cell, cnn_cell = cfg_a.cells()
-    assert cfg_a.settings(zoo_cell).train_fingerprint != cfg_b.settings(zoo_cell).train_fingerprint
-    assert cfg_a.settings(cnn_cell).train_fingerprint == cfg_b.settings(cnn_cell).train_fingerprint
+def test_fingerprints_of_pretrained_cells_follow_their_source_data_and_threat_not_the_training_recipe():
+    cfg = config.from_dict({"experiment": "t", "grid": [_grid()["grid"][0], _grid("cnn", "pgd_at")["grid"][0]]})
+    zoo_cell, cnn_cell = cfg.cells()
+
+    def changed(**sections) -> tuple[bool, bool]:
+        other = config.from_dict({**cfg.raw, **sections})
+        return tuple(cfg.settings(c).train_fingerprint != other.settings(c).train_fingerprint
+                     for c in (zoo_cell, cnn_cell))
+
+    assert changed(methods={"pretrained": {"model_dir": "elsewhere"}}) == (True, False)
+    assert changed(train={"epochs": 3}) == (False, True)  # re-evaluating zoo models costs hours: not for this
+    assert changed(threat={"linf": {"eps": 0.1}}) == (True, True)  # the attacks evaluation runs
+    assert changed(data={"root": "elsewhere"}) == (True, True)  # the test examples
 
 
 def _cell_settings(images, model_dir, **changes):
