@@ -162,15 +162,20 @@ class Config:
     def settings(self, cell: Cell) -> S.CellSettings:
         """The cell's typed settings, resolved once per cell."""
         if cell not in self._settings:
+            from rpat.catalog import catalog
+
             resolved = self.resolve(cell)
-            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved))
+            pretrained = catalog()["objectives"].get(cell.method, {}).get("pretrained", False)
+            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved), pretrained)
         return self._settings[cell]
 
 
 def _check_semantics(cfg: Config) -> None:
+    from rpat import zoo
     from rpat.catalog import catalog
 
-    objectives = catalog()["objectives"]
+    cat = catalog()
+    objectives = cat["objectives"]
     problems_ = []
     for i, block in enumerate(cfg.blocks()):
         for method in block["method"]:
@@ -187,6 +192,7 @@ def _check_semantics(cfg: Config) -> None:
             problems_.append(f"cell {cell.id}: no threat.{cell.norm} settings")
             continue
         s = cfg.settings(cell)
+        problems_ += zoo.cell_problems(cell, s.method, cat)
         if s.rpat is not None and s.rpat.start_epoch > s.train.epochs:
             problems_.append(f"cell {cell.id}: rpat.start_epoch={s.rpat.start_epoch} is after the last epoch "
                              f"({s.train.epochs})")

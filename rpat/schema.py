@@ -18,6 +18,8 @@ SECTIONS = ("data", "threat", "train", "methods", "rpat", "eval", "resources")
 
 def _schema_of(value: Any, key: str, bn_modes: list[str]) -> dict:
     """A schema accepting values shaped like ``value`` (a method's default hyperparameter)."""
+    if value is None:  # an optional setting (None: derived from the cell)
+        return {"type": ["string", "null"]}
     if key.endswith("_bn"):
         return {"type": "string", "enum": bn_modes}
     if isinstance(value, bool):

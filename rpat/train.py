@@ -250,20 +250,29 @@ def finish(tr: Trainer, state: TrainingState, out_dir: Path, run: CellRun) -> di
                      **tr.meta()}, out_dir / "checkpoint-last.pt")
     best = state.path.parent / "best.pt"
     files.atomic_write(out_dir / "checkpoint-best.pt", lambda tmp: shutil.copyfile(best, tmp))
+    selection = {"rule": t.select, "split": "test" if t.select == "test" else "val",
+                 "metric": f"val_{tr.objective.select_on}", "best_epoch": state.best["epoch"],
+                 "best_value": state.best["metric"]}
+    wall_s = state.wall_s
+    return write_record(s, out_dir, run, fingerprint=state.fingerprint, selection=selection, history=state.history,
+                        wall_s=wall_s, device=tr.device,
+                        metrics={"best_epoch": state.best["epoch"], "best_val_metric": state.best["metric"],
+                                 "train_wall_s": wall_s})
+
+
+def write_record(settings: CellSettings, out_dir: Path, run: CellRun, *, fingerprint: str, selection: dict,
+                 history: list, wall_s: float, device, metrics: dict) -> dict:
+    """Write the cell's train.json (last: its presence means the cell is trained) and log it to its MLflow run."""
+    s = settings
     result = {
         "cell": s.cell.id, **s.cell.tags(), "rpat": s.cell.rpat, "seed": s.cell.seed, "experiment": s.experiment,
-        "fingerprint": state.fingerprint,
-        "selection": {"rule": t.select, "split": "test" if t.select == "test" else "val",
-                      "metric": f"val_{tr.objective.select_on}", "best_epoch": state.best["epoch"],
-                      "best_value": state.best["metric"]},
+        "fingerprint": fingerprint, "selection": selection,
         "checkpoints": {"best": "checkpoint-best.pt", "last": "checkpoint-last.pt"},
-        "history": state.history, "wall_s": state.wall_s, "device": str(tr.device), "torch": torch.__version__,
-        "mlflow_run_id": run.run_id, "settings": s.resolved,
+        "history": history, "wall_s": wall_s, "device": str(device), "torch": torch.__version__,
+        "mlflow_run_id": run.run_id, "settings": s.resolved, "mlflow_metrics": metrics,
     }
-    result["mlflow_metrics"] = {"best_epoch": state.best["epoch"], "best_val_metric": state.best["metric"],
-                                "train_wall_s": result["wall_s"]}
     files.write_json(out_dir / "train.json", result)
-    run.log_metrics(result["mlflow_metrics"])
+    run.log_metrics(metrics)
     run.log_artifact(out_dir / "train.json")
     return result
 
@@ -288,6 +297,9 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
         print(f"[rpat] {settings.cell.id}: already trained with these settings ({out_dir / 'train.json'}); "
               "nothing to do", file=sys.stderr)
         return done
+    objective = objectives.OBJECTIVES[settings.cell.method]
+    if objective.provide is not None:  # weights from elsewhere (a pretrained model): nothing to train
+        return objective.provide(settings, out_dir, tracking)
     tr = setup(settings, threads)
     state = TrainingState.restore(out_dir / "state" / "last.pt", tr, fp)
     run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=state.run_id,

@@ -21,7 +21,8 @@ batch statistics depend on the batch). ``hp`` holds the method's own hyperparame
 Notation: z(.) logits, CE mean cross-entropy, KL_bm(p||q) = (1/B) sum_i sum_c p_ic log(p_ic/q_ic),
 MSE mean over batch x classes.
 
-Registered objectives live in :mod:`rpat.objectives.baselines` and :mod:`rpat.objectives.rebat`.
+Registered objectives live in :mod:`rpat.objectives.baselines`, :mod:`rpat.objectives.rebat` and
+:mod:`rpat.objectives.pretrained` (RobustBench zoo models, evaluated and never trained).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class Objective:
     epoch_plan: Callable[[Mapping, Threat, int], EpochPlan] = constant_plan
     # after_step(model, x, hp, amp): called after each optimiser step (ReBAT: a clean train-mode forward)
     after_step: Callable[..., None] | None = None
+    # provide(settings, out_dir, tracking) -> train.json record: an objective whose weights come from elsewhere
+    # writes the cell's checkpoints and train.json itself instead of training (pretrained zoo models).
+    provide: Callable[..., dict] | None = None
     display: str = ""  # the paper's name (tables, plots)
     rpat_display: str = ""  # the name with RPAT on (default: display + "+RPAT")
 
@@ -183,5 +187,5 @@ def objective_info() -> list[dict]:
 
 
 # Importing the modules registers their objectives (after the definitions above, which they use).
-from rpat.objectives import baselines, rebat  # noqa: E402,F401
+from rpat.objectives import baselines, pretrained, rebat  # noqa: E402,F401
 from rpat.objectives.rebat import _guard_huge, rebat_attack, rebat_loss, rpat_plus_plus_loss  # noqa: E402,F401
