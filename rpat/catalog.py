@@ -46,7 +46,8 @@ def build() -> dict:
         "subsets": list(data.SUBSETS),
         "schedules": list(schedules.SCHEDULES),
         "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat, "display": o.label(False),
-                              "rpat_display": o.label(True), "pretrained": o.provide is not None}
+                              "rpat_display": o.label(True), "pretrained": o.provide is not None,
+                              "mixed_targets": o.mixed_targets, "choices": o.choices}
                        for name, o in objectives.OBJECTIVES.items()},
         "measurements": [metric(m) for m in evaluate.MEASUREMENTS.values()],
         "derived": [metric(d) for d in evaluate.DERIVED.values()],

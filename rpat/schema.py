@@ -16,8 +16,11 @@ import yaml
 SECTIONS = ("data", "threat", "train", "methods", "rpat", "eval", "resources")
 
 
-def _schema_of(value: Any, key: str, bn_modes: list[str]) -> dict:
-    """A schema accepting values shaped like ``value`` (a method's default hyperparameter)."""
+def _schema_of(value: Any, key: str, bn_modes: list[str], choices: dict | None = None) -> dict:
+    """A schema accepting values shaped like ``value`` (a method's default hyperparameter); ``choices``: the
+    objective's allowed values of its string hyperparameters."""
+    if choices and key in choices:
+        return _enum(choices[key])
     if value is None:  # an optional setting (None: derived from the cell)
         return {"type": ["string", "null"]}
     if key.endswith("_bn"):
@@ -28,7 +31,7 @@ def _schema_of(value: Any, key: str, bn_modes: list[str]) -> dict:
         return {"type": "number", "minimum": 0}
     if isinstance(value, dict):
         return {"type": "object", "additionalProperties": False,
-                "properties": {k: _schema_of(v, k, bn_modes) for k, v in value.items()}}
+                "properties": {k: _schema_of(v, k, bn_modes, choices) for k, v in value.items()}}
     return {"type": "string"}
 
 
@@ -54,7 +57,8 @@ def schema() -> dict:
     sections["train"]["properties"]["schedule"]["properties"]["name"] = _enum(cat["schedules"])
     sections["threat"]["properties"] = {norm: {"$ref": "#/$defs/threat"} for norm in cat["norms"]}
     sections["methods"]["properties"] = {
-        name: _schema_of(o["defaults"], name, cat["bn_modes"]) for name, o in cat["objectives"].items() if o["defaults"]}
+        name: _schema_of(o["defaults"], name, cat["bn_modes"], o["choices"])
+        for name, o in cat["objectives"].items() if o["defaults"]}
     return s
 
 

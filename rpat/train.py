@@ -122,7 +122,8 @@ def setup(settings: CellSettings, threads: int | None = None) -> Trainer:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    # The weight average, for objectives whose loss uses it, stays in eval mode (docs/faithfulness.md D19).
+    # The weight average, for objectives whose loss uses it; each epoch's plan sets its BatchNorm mode
+    # (eval unless a method asks otherwise, docs/faithfulness.md D19).
     average = WeightAverage(model).to(device).eval() if objective.uses_teacher else None
     shuffle = torch.Generator().manual_seed(cell.seed)
     d = settings.data
@@ -185,14 +186,17 @@ class TrainingState:
         return out
 
 
-def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals) -> dict:
+def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, resumed: bool = False) -> dict:
     """Train one epoch (or its rest, after a signal); returns the epoch's record of learning rate and mean loss
-    parts. A signal saves the position within the epoch and raises :class:`Preempted`."""
+    parts. A signal saves the position within the epoch and raises :class:`Preempted`. ``resumed``: this is
+    the first epoch a resumed job trains (the objective's plan may depend on it)."""
     s = tr.settings
     t_epoch = time.time()
     tr.model.train()
     rpat = s.rpat if (s.rpat is not None and epoch >= s.rpat.start_epoch) else None
-    plan = tr.objective.epoch_plan(s.method, s.threat, epoch)
+    plan = tr.objective.epoch_plan(s.method, s.threat, epoch, resumed=resumed)
+    if tr.average is not None:
+        tr.average.train(plan.average_bn == "train")
     n_batches = len(tr.batches)
     if state.partial is not None:  # resume inside this epoch
         p, state.partial = state.partial, None
@@ -308,10 +312,11 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
     if state.epoch == 0 and state.partial is None:
         run.log_params(settings.resolved)
         run.set_tags({"train_fingerprint": fp})
-    epochs = settings.train.epochs
+    epochs, first = settings.train.epochs, state.epoch + 1
+    resumed = state.epoch > 0 or state.partial is not None
     with StopSignals() as stop:
-        for epoch in range(state.epoch + 1, epochs + 1):
-            record = validate_and_select(tr, state, run_epoch(tr, state, epoch, stop))
+        for epoch in range(first, epochs + 1):
+            record = validate_and_select(tr, state, run_epoch(tr, state, epoch, stop, resumed and epoch == first))
             state.history.append(record)
             state.epoch = epoch
             state.save(tr)
