@@ -196,6 +196,11 @@ def _check_semantics(cfg: Config) -> None:
         if s.rpat is not None and s.rpat.start_epoch > s.train.epochs:
             problems_.append(f"cell {cell.id}: rpat.start_epoch={s.rpat.start_epoch} is after the last epoch "
                              f"({s.train.epochs})")
+        if s.data.cutmix.enabled and not objectives[cell.method]["mixed_targets"]:
+            mixing = ", ".join(n for n, o in objectives.items() if o["mixed_targets"])
+            problems_.append(f"cell {cell.id}: data.cutmix.enabled is on, but method {cell.method!r} needs integer "
+                             f"labels (CutMix mixes them); CutMix works with: {mixing}; set data.cutmix.enabled: "
+                             "false in this block's `set`")
     if problems_:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(problems_)))
 

@@ -38,6 +38,16 @@ THREAT_DEFAULTS = {
 
 
 @dataclass(frozen=True)
+class CutMixSettings:
+    """CutMix (Yun et al.) on training batches: lambda ~ Beta(alpha, beta) per batch (docs/faithfulness.md
+    "Data and augmentation")."""
+
+    enabled: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataSettings:
     root: str = "data"
     paths: dict = field(default_factory=dict)
@@ -47,6 +57,7 @@ class DataSettings:
     train_subset: int | None = None
     subset: str = "stratified"  # how train_subset is drawn (rpat/data/subsets.py)
     augment: str = "crop_flip"
+    cutmix: CutMixSettings = field(default_factory=CutMixSettings)
     batch_size: int = 128
     eval_batch_size: int = 500
 

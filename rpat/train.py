@@ -127,8 +127,9 @@ def setup(settings: CellSettings, threads: int | None = None) -> Trainer:
     average = WeightAverage(model).to(device).eval() if objective.uses_teacher else None
     shuffle = torch.Generator().manual_seed(cell.seed)
     d = settings.data
+    mix = data.CutMix(splits.num_classes, d.cutmix.alpha, d.cutmix.beta) if d.cutmix.enabled else None
     batches = data.Batches(*splits.train, d.batch_size, shuffle=True, augment=data.AUGMENTATIONS[d.augment],
-                           views=objective.views, device=device, generator=shuffle)
+                           views=objective.views, device=device, generator=shuffle, mix=mix)
     val_batches = data.Batches(*(splits.test if t.select == "test" else splits.val), d.eval_batch_size, device=device)
     fmodel = torch.compile(model) if t.compile else model
     return Trainer(settings, objective, device, splits, model, fmodel, opt, average, batches, val_batches,
