@@ -833,3 +833,55 @@ def test_teacher_bn_first_epoch_takes_only_known_values():
     raw = {**REBAT_TINY, "methods": {"rebat": {"teacher_bn_first_epoch": "batch"}}}
     with pytest.raises(ConfigError, match="teacher_bn_first_epoch.*eval, train, train_and_resume"):
         config.from_dict(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# One published --beta, two rpat keys (docs/faithfulness.md D4): ReBAT's beta = RPAT++'s weight in every shipped
+# config where a block pairs ReBAT with its RPAT++ twin (same dataset, model, norm and seed)
+
+
+def beta_weight_mismatches(cfg) -> list[str]:
+    """Each ReBAT cell whose methods.rebat.beta differs from its RPAT++ twin's rpat.weight."""
+    from dataclasses import replace
+
+    cells = set(cfg.cells())
+    out = []
+    for cell in cfg.cells():
+        twin = replace(cell, rpat=True)
+        if cell.method != "rebat" or cell.rpat or twin not in cells:
+            continue
+        beta, weight = cfg.settings(cell).method["beta"], cfg.settings(twin).rpat.weight
+        if beta != weight:
+            out.append(f"{cell.id}: methods.rebat.beta = {beta} but {twin.id} has rpat.weight = {weight}")
+    return out
+
+
+def test_shipped_configs_give_rebat_and_rpat_plus_plus_the_same_beta():
+    from pathlib import Path
+
+    from rpat import config
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "config").glob("*.yaml"))
+    checked = 0
+    for path in paths:
+        cfg = config.load(path)
+        assert beta_weight_mismatches(cfg) == [], path.name
+        checked += sum(c.method == "rebat" for c in cfg.cells())
+    assert checked >= 10  # paper.yaml alone has 10 ReBAT/RPAT++ cells
+    paper = config.load(paths[0].parent / "paper.yaml")
+    wrn = paper.settings(config.Cell("cifar10", "wrn34_10", "linf", "rebat", True, 0))
+    assert (wrn.method["beta"], wrn.rpat.weight, wrn.train.schedule["factor"], wrn.data.cutmix.enabled) == \
+        (2.0, 2.0, 4.0, True)
+
+
+@pytest.mark.parametrize("set_", [{"methods": {"rebat": {"beta": 2.0}}}, {"rpat": {"weight": 2.0}},
+                                  {"methods": {"rebat": {"beta": 2.0}}, "rpat": {"weight": 2.0}}],
+                         ids=["beta-only", "weight-only", "both"])
+def test_a_block_setting_one_of_beta_and_weight_is_caught(set_):
+    from rpat import config
+
+    raw = {**REBAT_TINY, "grid": [{**REBAT_TINY["grid"][0], "set": set_}]}
+    found = beta_weight_mismatches(config.from_dict(raw))
+    assert len(found) == (0 if len(set_) == 2 else 1)
+    if found:
+        assert "digits/cnn/linf/rebat/seed0: methods.rebat.beta = " in found[0]
