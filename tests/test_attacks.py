@@ -450,7 +450,7 @@ def test_l2_step_and_projection_by_hand(rule, eps):
 def test_trades_first_l2_step_from_its_tiny_start_matches_the_published_formula():
     # TRADES' start x + 0.001 N(0, I) makes the first KL gradient tiny, so its 1e-8 guard shortens the first
     # step visibly: rpat's rule before D18 (max(||g||, 1e-12)) took the full step, ~1e-2 per coordinate
-    # further here (2e-3 for a randomly initialised PreActResNet-18 on CIFAR-sized inputs).
+    # further here (1e-3 to 3e-3 for a randomly initialised PreActResNet-18 on CIFAR-sized inputs).
     Wl = [[0.003, -0.002, 0.001, 0.002], [-0.001, 0.002, 0.003, 0.0], [0.002, 0.0, -0.001, 0.003]]
     model = _linear(Wl)
     x = torch.tensor([X4], dtype=torch.float64)
