@@ -181,7 +181,7 @@ def examples_record(settings: CellSettings, index: torch.Tensor) -> dict:
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
     ckpt = checkpoint.load(path, map_location=device)
     model = models.build_from_meta(ckpt)
-    model.load_state_dict(ckpt["model"])
+    checkpoint.load_weights(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
 
 

@@ -172,9 +172,10 @@ class TrainingState:
         if state.get("fingerprint") != fingerprint:
             print(f"[rpat] {label}: settings changed since {path} was written; training from scratch", file=sys.stderr)
             return fresh
-        tr.model.load_state_dict(state["model"])
+        fix = f"the data or model changed since it was written: delete {path.parent} to restart this cell from scratch"
+        checkpoint.load_weights(tr.model, state["model"], path, fix)
         if tr.average is not None:
-            tr.average.module.load_state_dict(state["average"])
+            checkpoint.load_weights(tr.average.module, state["average"], path, fix)
         tr.opt.load_state_dict(state["optimizer"])
         tr.shuffle.set_state(state["shuffle_rng"])
         runtime.set_rng_state(state["rng"])
