@@ -298,7 +298,7 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
         run.log_params(settings.resolved)
         run.set_tags({"train_fingerprint": fp})
     epochs = settings.train.epochs
-    with StopSignals() as stop:
+    with run, StopSignals() as stop:  # the run ends FINISHED, KILLED (a signal, Ctrl-C) or FAILED
         for epoch in range(state.epoch + 1, epochs + 1):
             record = validate_and_select(tr, state, run_epoch(tr, state, epoch, stop))
             state.history.append(record)
@@ -311,7 +311,7 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
             if stop.received is not None and epoch < epochs:
                 raise Preempted(f"{settings.cell.id}: signal {stop.name} after epoch {epoch}; state saved in "
                                 f"{state.path}; rerun to resume")
-    return finish(tr, state, out_dir, run)
+        return finish(tr, state, out_dir, run)
 
 
 def train_cell(cfg: Config, cell: Cell, out_dir: str | Path, *, threads: int | None = None) -> dict:
