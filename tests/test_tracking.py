@@ -206,6 +206,14 @@ def test_runs_end_killed_on_a_signal_and_failed_on_an_error(tmp_path, monkeypatc
     assert latest.info.run_id != run.info.run_id and latest.info.status == "FAILED"
 
 
+def test_end_status_of_each_way_a_job_ends():
+    assert tracking.end_status(None) == "FINISHED"
+    assert tracking.end_status(train.Preempted("signal")) == "KILLED"
+    assert tracking.end_status(KeyboardInterrupt()) == "KILLED"
+    assert tracking.end_status(train.NonFiniteLoss("nan")) == "FAILED"
+    assert tracking.end_status(RuntimeError("bug")) == "FAILED"
+
+
 def test_retry_waits_out_a_locked_database_and_raises_anything_else():
     attempts = []
 
