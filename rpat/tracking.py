@@ -5,7 +5,10 @@ is guarded: a tracking failure is reported on stderr and never stops a training 
 
 Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``; the config's
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` override it. One experiment per config; one run per grid
-cell, tagged with the cell's coordinates; ``train`` creates it, ``evaluate`` adds to it.
+cell, tagged with the cell's coordinates; ``train`` creates it, ``evaluate`` adds to it, and each job ends
+it FINISHED, KILLED or FAILED. Jobs may start at once without the workflow's ``onstart``: a SQLite store
+is created under a file lock, an experiment another job created first is looked up again, and SQLite's
+"database is locked" is retried.
 """
 
 from __future__ import annotations
