@@ -46,9 +46,16 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+TRANSIENT = (
+    "database is locked",  # SQLite: another writer held the lock past the busy timeout
+    "database is busy",
+    "QueuePool limit",  # a tracking server out of database connections (it answers BAD_REQUEST)
+)
+
+
 def _transient(err: BaseException) -> bool:
-    """SQLite's "database is locked" (a writer held the lock past the busy timeout): worth retrying."""
-    return "database is locked" in str(err) or "database is busy" in str(err)
+    """An error that goes away when the store is less busy: worth retrying."""
+    return any(s in str(err) for s in TRANSIENT)
 
 
 def _already_exists(err: BaseException) -> bool:
@@ -57,9 +64,9 @@ def _already_exists(err: BaseException) -> bool:
     return any(s in text for s in ("RESOURCE_ALREADY_EXISTS", "UNIQUE constraint failed", "IntegrityError"))
 
 
-def retry(fn, *args, attempts: int = 6, **kwargs):
-    """``fn(*args, **kwargs)``, retried with exponential backoff (0.1 s doubling, jittered) while SQLite says
-    "database is locked"; any other error, or the last attempt's, is raised."""
+def retry(fn, *args, attempts: int = 8, **kwargs):
+    """``fn(*args, **kwargs)``, retried with exponential backoff (0.1 s doubling, jittered; up to about 25 s in
+    all) while the store is busy (:data:`TRANSIENT`); any other error, or the last attempt's, is raised."""
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
