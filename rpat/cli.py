@@ -88,8 +88,12 @@ def cmd_sync_tracking(args) -> int:
 
     cfg, _ = _load(args)
     added = tracking.reconcile(cfg, Path(cfg.results_dir) / "runs")
+    problems = added["problems"]
+    for problem in problems:  # reported, not fatal: the other cells were reconciled
+        print(f"rpat sync-tracking: skipped: {problem}", file=sys.stderr)
+    skipped = f"; skipped {len(problems)} cell(s) with a malformed result file" if problems else ""
     print(f"MLflow reconciled with the JSON results: added {added['runs']} runs, "
-          f"{added['metric_points']} metric points, {added['artifacts']} artifacts")
+          f"{added['metric_points']} metric points, {added['artifacts']} artifacts{skipped}")
     return 0
 
 

@@ -46,12 +46,47 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no tags that build Python objects) that refuses a key given twice in one mapping,
+    which plain YAML lets the later one win silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(path: Path, err: yaml.YAMLError) -> ConfigError:
+    """One line naming the file, the line and the fix."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.constructor.ConstructorError):
+        if problem.startswith("duplicate key"):
+            return ConfigError(f"{where}: {problem} in one mapping (the later one would silently win); keep one")
+        tag = problem.split("tag ", 1)[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
+        return ConfigError(f"{where}: the YAML tag {tag} is not allowed: configs are plain YAML (mappings, lists, "
+                           "strings, numbers) and never build Python objects; remove the tag")
+    context = getattr(err, "context", None)
+    cmark = getattr(err, "context_mark", None)
+    opened = f" ({context} opened at line {cmark.line + 1})" if context and cmark is not None else ""
+    return ConfigError(f"{where}: YAML syntax error: {problem}{opened}; fix the indentation, brackets or quotes "
+                       "there")
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with path.open() as f:
-        data = yaml.safe_load(f)
+    try:
+        with path.open() as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise _yaml_problem(path, e) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level, not {type(data).__name__}")
     return data
@@ -84,11 +119,19 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def invalid(found: list[str]) -> ConfigError:
+    """One problem on one line; several as a list, one per line."""
+    found = list(dict.fromkeys(found))
+    if len(found) == 1:
+        return ConfigError(f"invalid config: {found[0]}")
+    return ConfigError("invalid config:\n  - " + "\n  - ".join(found))
+
+
 def validate(cfg: dict) -> None:
     """Raise ConfigError listing every schema violation (each names its key and the allowed values)."""
     found = problems(cfg)
     if found:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
+        raise invalid(found)
 
 
 def resources_for(resolved: dict) -> dict:
@@ -202,7 +245,7 @@ def _check_semantics(cfg: Config) -> None:
                              f"labels (CutMix mixes them); CutMix works with: {mixing}; set data.cutmix.enabled: "
                              "false in this block's `set`")
     if problems_:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(problems_)))
+        raise invalid(problems_)
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> Config:

@@ -80,7 +80,7 @@ def _describe(error) -> str:
     return f"{key}: {error.message}"
 
 
-def _non_finite(obj: Any, parts: tuple = ()) -> Iterator[str]:
+def _non_finite(obj: Any, parts: tuple = ()) -> Iterator[tuple[str, float]]:
     """Keys holding NaN or ±Inf (JSON schema's bounds let NaN through: every comparison with it is false)."""
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -89,13 +89,18 @@ def _non_finite(obj: Any, parts: tuple = ()) -> Iterator[str]:
         for i, v in enumerate(obj):
             yield from _non_finite(v, parts + (i,))
     elif isinstance(obj, float) and not math.isfinite(obj):
-        yield f"{_path(parts)}: {obj!r} is not a finite number; give a number such as 0.1 or 8/255"
+        yield _path(parts), obj
 
 
 def problems(cfg: dict) -> list[str]:
-    """Every schema violation, each naming its key and the allowed values."""
+    """Every schema violation, each naming its key and the allowed values; a non-finite number is reported as
+    that alone (not also as out of bounds)."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
-    return list(dict.fromkeys([*_non_finite(cfg), *(_describe(e) for e in errors)]))
+    non_finite = dict(_non_finite(cfg))
+    found = [f"{key}: {value!r} is not a finite number; give a number such as 0.1 or 8/255"
+             for key, value in non_finite.items()]
+    found += [_describe(e) for e in errors if _path(e.absolute_path) not in non_finite]
+    return list(dict.fromkeys(found))

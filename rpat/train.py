@@ -174,9 +174,10 @@ class TrainingState:
         if state.get("fingerprint") != fingerprint:
             print(f"[rpat] {label}: settings changed since {path} was written; training from scratch", file=sys.stderr)
             return fresh
-        tr.model.load_state_dict(state["model"])
+        fix = f"the data or model changed since it was written: delete {path.parent} to restart this cell from scratch"
+        checkpoint.load_weights(tr.model, state["model"], path, fix)
         if tr.average is not None:
-            tr.average.module.load_state_dict(state["average"])
+            checkpoint.load_weights(tr.average.module, state["average"], path, fix)
         tr.opt.load_state_dict(state["optimizer"])
         tr.shuffle.set_state(state["shuffle_rng"])
         runtime.set_rng_state(state["rng"])
@@ -315,7 +316,7 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
         run.set_tags({"train_fingerprint": fp})
     epochs, first = settings.train.epochs, state.epoch + 1
     resumed = state.epoch > 0 or state.partial is not None
-    with StopSignals() as stop:
+    with run, StopSignals() as stop:  # the run ends FINISHED, KILLED (a signal, Ctrl-C) or FAILED
         for epoch in range(first, epochs + 1):
             record = validate_and_select(tr, state, run_epoch(tr, state, epoch, stop, resumed and epoch == first))
             state.history.append(record)
@@ -328,7 +329,7 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
             if stop.received is not None and epoch < epochs:
                 raise Preempted(f"{settings.cell.id}: signal {stop.name} after epoch {epoch}; state saved in "
                                 f"{state.path}; rerun to resume")
-    return finish(tr, state, out_dir, run)
+        return finish(tr, state, out_dir, run)
 
 
 def train_cell(cfg: Config, cell: Cell, out_dir: str | Path, *, threads: int | None = None) -> dict:

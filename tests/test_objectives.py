@@ -32,10 +32,6 @@ WITH_RPAT = [n for n in BASELINES if OBJECTIVES[n].supports_rpat]
 
 
 # ---------------------------------------------------------------------------------------------
-# Torch side: the models and a recording wrapper
-
-
-# ---------------------------------------------------------------------------------------------
 # Hand side: the formulas of docs/faithfulness.md "What the published code does" on plain floats
 
 
