@@ -17,6 +17,7 @@ fingerprint recorded in train.json are checked before any work.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -206,8 +207,10 @@ def examples_record(settings: CellSettings, index: torch.Tensor) -> dict:
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
     ckpt = checkpoint.load(path, map_location=device)
     model = models.build_from_meta(ckpt)
-    model.load_state_dict(ckpt["model"])
+    checkpoint.load_weights(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
+
+
 def check_belongs(settings: CellSettings, record: dict, record_path: Path, ckpt: dict, ckpt_path: Path) -> None:
     """Refuse a train.json or checkpoint that is not this cell's, or was trained with other settings."""
     cell = settings.cell
@@ -289,29 +292,38 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
     if not 1 <= i <= n_shards:
         raise EvaluationError(f"shard {i} of {n_shards} does not exist; shards are numbered 1..{n_shards}")
     record = _read_record(record_path)
-    ckpt_path = Path(checkpoint_path) if checkpoint_path else _checkpoint_path(record, record_path, which)
-    device = runtime.select_device(settings.train.device)
-    runtime.set_threads(threads or settings.train.threads)
-    runtime.seed_everything(cell.seed)
-    model, ckpt = load_model(ckpt_path, device)
-    check_belongs(settings, record, record_path, ckpt, ckpt_path)
-    x, y, index = evaluated_examples(settings)
-    header = _header(settings, record, which, ckpt, index)
-    # what makes parts (and saved progress) belong together; the device type too: CPU and CUDA generators differ
-    key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
-           "checkpoint_digest": _file_digest(ckpt_path), "examples_digest": header["examples"]["digest"],
-           "device_type": device.type}
-    state = record_path.parent / "eval-state" / (f"{which}.pt" if n_shards == 1 else f"{which}-{i}of{n_shards}.pt")
-    stats, arrays, progress = _measure(settings, model, (x, y, index), key, state, (i, n_shards), device)
-    stats.update(header=header, key=key, shard={"index": i, "of": n_shards}, device=str(device),
-                 mlflow_run_id=record.get("mlflow_run_id"))
-    if n_shards > 1:
-        results.write_shard(out_path, stats, arrays, outcomes_path)
-        result = stats
-    else:
-        result = _write_result(settings, [(stats, arrays)], out_path, outcomes_path, tracking)
+    # the cell's MLflow run (re-opened; it ends FINISHED, KILLED or FAILED with this job); shards leave it to the merge
+    with _cell_run(settings, tracking, record.get("mlflow_run_id"), active=n_shards == 1) as run:
+        ckpt_path = Path(checkpoint_path) if checkpoint_path else _checkpoint_path(record, record_path, which)
+        device = runtime.select_device(settings.train.device)
+        runtime.set_threads(threads or settings.train.threads)
+        runtime.seed_everything(cell.seed)
+        model, ckpt = load_model(ckpt_path, device)
+        check_belongs(settings, record, record_path, ckpt, ckpt_path)
+        x, y, index = evaluated_examples(settings)
+        header = _header(settings, record, which, ckpt, index)
+        # what makes parts (and saved progress) belong together; the device type too: CPU and CUDA generators differ
+        key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
+               "checkpoint_digest": _file_digest(ckpt_path), "examples_digest": header["examples"]["digest"],
+               "device_type": device.type}
+        state = record_path.parent / "eval-state" / (f"{which}.pt" if n_shards == 1 else f"{which}-{i}of{n_shards}.pt")
+        stats, arrays, progress = _measure(settings, model, (x, y, index), key, state, (i, n_shards), device)
+        stats.update(header=header, key=key, shard={"index": i, "of": n_shards}, device=str(device),
+                     mlflow_run_id=record.get("mlflow_run_id"))
+        if n_shards > 1:
+            results.write_shard(out_path, stats, arrays, outcomes_path)
+            result = stats
+        else:
+            result = _write_result(settings, [(stats, arrays)], out_path, outcomes_path, run)
     progress.remove()
     return result
+
+
+def _cell_run(settings: CellSettings, tracking: dict, run_id: str | None, active: bool = True):
+    """The cell's MLflow run as a context (see :class:`rpat.tracking.CellRun`); None when tracking is off."""
+    if not (tracking["enabled"] and active):
+        return contextlib.nullcontext()
+    return CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=run_id)
 
 
 def merge(settings: CellSettings, shard_paths: list[str | Path], out_path: str | Path, *, tracking: dict,
@@ -325,8 +337,9 @@ def merge(settings: CellSettings, shard_paths: list[str | Path], out_path: str |
         if stats["header"].get("eval_fingerprint") != settings.eval_fingerprint:
             raise EvaluationError(f"{path} was computed with other evaluation settings than the config gives "
                                   f"{settings.cell.id}; rerun its shard job (snakemake does)")
-    return _write_result(settings, parts, out_path, Path(outcomes_path) if outcomes_path else
-                         outcomes_path_for(out_path), tracking)
+    with _cell_run(settings, tracking, parts[0][0].get("mlflow_run_id")) as run:
+        return _write_result(settings, parts, out_path, Path(outcomes_path) if outcomes_path else
+                             outcomes_path_for(out_path), run)
 
 
 def _result(settings: CellSettings, header: dict, combined: dict) -> dict:
@@ -355,20 +368,16 @@ def _result(settings: CellSettings, header: dict, combined: dict) -> dict:
     return result
 
 
-def _write_result(settings: CellSettings, parts: list, out_path: Path, outcomes_path: Path, tracking: dict) -> dict:
+def _write_result(settings: CellSettings, parts: list, out_path: Path, outcomes_path: Path, run) -> dict:
     header, combined, arrays = results.combine(parts)
     result = _result(settings, header, combined)
     result["device"] = ", ".join(dict.fromkeys(s["device"] for s, _ in parts))
     result["outcomes"] = os.path.relpath(outcomes_path, out_path.parent)
     results.write_outcomes(outcomes_path, arrays)
     files.write_json(out_path, result)
-    if not tracking["enabled"]:
-        return result
-    run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=parts[0][0].get("mlflow_run_id"),
-                  enabled=tracking["enabled"])
-    run.log_metrics(result["mlflow_metrics"])
-    run.log_artifact(out_path)
-    run.finish()
+    if run is not None:
+        run.log_metrics(result["mlflow_metrics"])
+        run.log_artifact(out_path)
     return result
 
 
