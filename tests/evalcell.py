@@ -13,8 +13,9 @@ from rpat import config, evaluate, train
 EVAL_CELL = tiny_config(
     experiment="eval-blocks", tracking={"enabled": False},
     grid=[{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["ce"], "rpat": [False], "seed": [0]}],
-    threat={"linf": {"eps": 0.3, "step": 0.075, "steps": 3}}, train={"epochs": 4},
-    eval={"n_examples": 32, "block_size": 8, "pgd_steps": 5, "cw_steps": 5})
+    data={"val_size": 100, "batch_size": 128, "train_subset": 512},
+    threat={"linf": {"eps": 0.3, "step": 0.075, "steps": 3}}, train={"epochs": 4, "val_attack_steps": 3},
+    eval={"n_examples": 32, "block_size": 8, "pgd_steps": 5, "cw_steps": 5, "autoattack": {"enabled": True}})
 NO_AA = {"autoattack": {"enabled": False}}
 
 
