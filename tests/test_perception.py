@@ -12,7 +12,7 @@ from rpat.errors import UserError
 
 
 class Affine(nn.Module):
-    """z(x) = W x + b in float64, with a BatchNorm-free dropout layer to check that eval mode is used."""
+    """z(x) = W x + b in float64, then dropout: in train mode the path would not be linear, so eval mode is checked."""
 
     def __init__(self, d=6, c=4, seed=0):
         super().__init__()
