@@ -104,6 +104,7 @@ class EvalSettings:
     batch_size: int = 500
     pgd_steps: int = 20
     cw_steps: int = 30
+    perception_alphas: int = 11  # points of [0, 1] at which `rpat perceive` measures the path x -> x'
     autoattack: AutoAttackSettings = field(default_factory=AutoAttackSettings)
 
 
