@@ -34,7 +34,7 @@ def test_dry_run_plans_the_demo_grid(tmp_path):
     (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
     out = snakemake("-n", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert job_counts(out.stdout) == {"train": 4, "evaluate": 4, "report": 1, "all": 1}
+    assert job_counts(out.stdout) == {"train": 4, "evaluate": 4, "perceive": 4, "report": 1, "all": 1}
 
 
 def test_dry_run_plans_the_paper_grid_quickly_without_data(tmp_path):
@@ -44,8 +44,19 @@ def test_dry_run_plans_the_paper_grid_quickly_without_data(tmp_path):
     assert out.returncode == 0, out.stderr
     # 3 datasets x 4 baselines x 2 + PreActResNet-18 (2 datasets x 2 norms x 2) + WRN-34-10 x 2; each data
     # set on disk is prepared once (downloaded if allowed, laid out, decoded into the cache) before training
-    assert job_counts(out.stdout) == {"prepare_data": 3, "train": 34, "evaluate": 34, "report": 1, "all": 1}
+    assert job_counts(out.stdout) == {"prepare_data": 3, "train": 34, "evaluate": 34, "perceive": 34, "report": 1,
+                                      "all": 1}
     print(f"planning the paper grid took {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("name", ["perception", "perception-cifar10"])
+def test_dry_run_plans_the_perception_study(tmp_path, name):
+    """ce, noise and pgd_at: each trained, evaluated and analysed (`rpat perceive`), then the report."""
+    out = snakemake("-n", "--configfile", str(ROOT / "config" / f"{name}.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = {"prepare_data": 1} if name.endswith("cifar10") else {}
+    assert job_counts(out.stdout) == {**data, "train": 3, "evaluate": 3, "perceive": 3, "report": 1, "all": 1}
+    assert "results/perception" in out.stdout
 
 
 def test_lint_is_clean():

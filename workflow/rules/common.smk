@@ -75,6 +75,13 @@ def eval_fingerprint(wildcards):
     return settings_of(wildcards).eval_fingerprint
 
 
+def perception_fingerprint(wildcards):
+    """What `rpat perceive` depends on: the cell's training and the eval keys it reads (not AutoAttack's or CW's)."""
+    s = settings_of(wildcards)
+    used = {k: v for k, v in s.resolved["eval"].items() if k not in ("autoattack", "cw_steps")}
+    return fingerprint({"eval": used, "train": s.train_fingerprint})
+
+
 def run_dir_of(wildcards, output):
     return os.path.dirname(output.record)
 
