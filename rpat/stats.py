@@ -155,6 +155,16 @@ def paired_bootstrap(a, b, *, n_boot: int = 10000, seed: int = 0, level: float =
             "level": level, "n_boot": n_boot, "seed": seed}
 
 
+def bootstrap_mean(values, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+    """The mean of one cell's per-example values, [n] or [s, n], with its percentile bootstrap interval.
+
+    The same resampling as ``paired_bootstrap`` (examples, and seeds when s > 1) with the baseline fixed at 0:
+    the interval of a single model's accuracy or nonlinearity, e.g. for error bars. Returns its dict.
+    """
+    values = _matrix(values, "values").astype(np.float64)
+    return paired_bootstrap(np.zeros_like(values), values, n_boot=n_boot, seed=seed, level=level)
+
+
 def excludes_zero(lo: float, hi: float) -> bool:
     """True when the interval [lo, hi] lies strictly on one side of 0 (False for NaN bounds)."""
     return bool(lo > 0 or hi < 0)

@@ -198,3 +198,15 @@ def test_paired_comparison_rows():
     assert (two["mcnemar_b"], two["mcnemar_c"]) == (1, 5)
     with pytest.raises(UserError, match="missing"):
         stats.paired_comparison({"aa": a_ok}, {}, metrics=["aa"])
+
+
+def test_bootstrap_mean_is_the_single_cell_interval():
+    """10 right, 10 wrong: a resampled mean is Bin(20, 1/2)/20, whose 2.5% and 97.5% quantiles are 6/20 and 14/20
+    (P(B <= 5) = 0.021 < 0.025 < P(B <= 6) = 0.058, and symmetrically): far from the boundaries at 10,000 draws."""
+    v = np.array([1] * 10 + [0] * 10)
+    r = stats.bootstrap_mean(v)
+    assert (r["delta"], r["lo"], r["hi"]) == (0.5, 0.3, 0.7)
+    assert stats.bootstrap_mean(v, seed=3) == stats.paired_bootstrap(np.zeros(20), v, seed=3)
+    two_seeds = np.stack([v, v[::-1]])
+    assert stats.bootstrap_mean(two_seeds)["delta"] == 0.5
+    assert stats.bootstrap_mean(np.full(5, 2.5))["lo"] == stats.bootstrap_mean(np.full(5, 2.5))["hi"] == 2.5
