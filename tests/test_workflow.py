@@ -106,12 +106,22 @@ def test_tiny_grid_end_to_end(tmp_path):
     md = (tmp_path / "results" / "tables" / "summary.md").read_text()
     assert re.search(r"^\| PGD-AT\+RPAT +\|", md, re.M) and re.search(r"^\| Δ +\|", md, re.M)
     assert (tmp_path / "results" / "plots" / "tradeoff.png").stat().st_size > 10_000
+    for name in ("perception", "path"):  # the perceive jobs ran and the report drew them
+        assert (tmp_path / "results" / "plots" / f"{name}.png").stat().st_size > 20_000
+    assert summary.nonlinearity.notna().all() and (summary.nonlinearity >= 0).all()
+    # the pair compared on the same examples: the nonlinearity always, accuracies where evaluation kept outcomes
+    comparison = pd.read_csv(tmp_path / "results" / "tables" / "comparison.csv")
+    outcomes = (tmp_path / "results" / "runs" / summary.cell[0] / "outcomes.npz").exists()
+    assert set(comparison.metric) == {"nonlinearity"} | ({"clean", "pgd20", "cw", "aa"} if outcomes else set())
+    assert re.search(r"^\| Δ .*\[", md, re.M) and (comparison.n == 24).all()
 
     run_dir = tmp_path / "results" / "runs" / "digits" / "cnn" / "linf" / "pgd_at+rpat" / "seed0"
     train = json.loads((run_dir / "train.json").read_text())
     assert [h["epoch"] for h in train["history"]] == [1, 2]
     assert {"loss_ce", "loss_rpat", "loss_rpat_weighted", "loss_total", "val_clean", "val_pgd"} <= set(
         train["history"][0])
+    perception = json.loads((run_dir / "perception.json").read_text())
+    assert perception["path"]["n"] == 24 and len(perception["path"]["per_alpha"]) == 11
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["n_examples"] == 24 and ev["eps"] == pytest.approx(0.3)
     assert list(ev["aa_per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"][: len(ev["aa_per_attack"])]
@@ -127,7 +137,7 @@ def test_tiny_grid_end_to_end(tmp_path):
     for r in runs:
         assert {"dataset", "model", "norm", "method", "rpat", "seed"} <= set(r.data.tags)
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_pgd")] == [1, 2]
-        assert "test_aa" in r.data.metrics and "test_clean" in r.data.metrics
+        assert {"test_aa", "test_clean", "perception_nonlinearity"} <= set(r.data.metrics)
         assert r.data.params["train.epochs"] == "2"
 
     again = snakemake("-n", "--configfile", str(cfg_path), cwd=tmp_path)
