@@ -31,11 +31,12 @@ def write_cell(root, cell, outcomes: dict, *, nonlinearity=None, index=None, per
     (d / "eval.json").write_text(json.dumps(ev))
     np.savez(d / "outcomes.npz", index=index, **{k: np.asarray(v, dtype=bool) for k, v in outcomes.items()})
     if nonlinearity is not None:
-        write_perception(d, cell, index, np.asarray(nonlinearity, dtype=np.float64), ev["examples"], perception or {})
+        write_perception(d, cell, index, np.asarray(nonlinearity, dtype=np.float64), ev["examples"], perception or {},
+                         outcomes.get("pgd20", np.zeros(n, bool)))
     return d
 
 
-def write_perception(d, cell, index, nl, examples, given: dict):
+def write_perception(d, cell, index, nl, examples, given: dict, defended_pgd20):
     """perception.json/.npz whose path profile is nl * 4a(1-a) per example (its mean over ALPHAS is nl * 0.5)."""
     shape = np.array([4 * a * (1 - a) for a in ALPHAS])
     path_mse = shape[:, None] * nl[None, :] / shape.mean()  # rescaled: the mean over alphas is nl
@@ -54,7 +55,7 @@ def write_perception(d, cell, index, nl, examples, given: dict):
           "mlflow_metrics": {"perception_nonlinearity": float(nl.mean())}}
     (d / "perception.json").write_text(json.dumps(js))
     np.savez(d / "perception.npz", index=index, mse_noise=np.full(n, 0.1), defended_noise=np.ones(n, bool),
-             mse_pgd20=np.full(n, 1.0), defended_pgd20=np.zeros(n, bool), path_mse=path_mse, nonlinearity=nl)
+             mse_pgd20=np.full(n, 1.0), defended_pgd20=np.asarray(defended_pgd20, bool), path_mse=path_mse, nonlinearity=nl)
 
 
 def md_table(path) -> dict[str, dict[str, str]]:

@@ -156,4 +156,18 @@ def test_npz_of_other_examples_is_left_out(tmp_path, capsys):
             np.savez(d / "perception.npz", **(arrays | {"index": arrays["index"][::-1].copy()}))
     report.write_report(cfg)
     assert "nonlinearity" not in set(comparison_csv(tmp_path).metric)
-    assert "perception.npz: its index does not match examples.digest" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "perception.npz: its index does not match examples.digest" in err and "PGD-20 outcomes differ" not in err
+
+
+def test_perception_on_other_adversarial_examples_than_evaluation_is_reported(tmp_path, capsys):
+    cfg = grid(tmp_path)
+    rng = np.random.default_rng(5)
+    for cell in cfg.cells():
+        d = write_cell(tmp_path, cell, random_outcomes(rng, 20, 0.5), nonlinearity=rng.random(20))
+    with np.load(d / "perception.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["defended_pgd20"][:3] = ~arrays["defended_pgd20"][:3]
+    np.savez(d / "perception.npz", **arrays)
+    report.write_report(cfg)
+    assert "PGD-20 outcomes differ from evaluation's on 3 of 20 examples" in capsys.readouterr().err

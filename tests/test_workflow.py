@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -122,6 +123,9 @@ def test_tiny_grid_end_to_end(tmp_path):
         train["history"][0])
     perception = json.loads((run_dir / "perception.json").read_text())
     assert perception["path"]["n"] == 24 and len(perception["path"]["per_alpha"]) == 11
+    if outcomes:  # the path ends at the very examples evaluation's PGD-20 attacked with (same per-block generators)
+        with np.load(run_dir / "perception.npz") as p, np.load(run_dir / "outcomes.npz") as o:
+            assert np.array_equal(p["index"], o["index"]) and np.array_equal(p["defended_pgd20"], o["pgd20"])
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["n_examples"] == 24 and ev["eps"] == pytest.approx(0.3)
     assert list(ev["aa_per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"][: len(ev["aa_per_attack"])]

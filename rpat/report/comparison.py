@@ -86,8 +86,19 @@ def load_cell(eval_path: Path) -> CellValues:
         cell.values.update(_indexed(outcomes_path, cell.digest, [m["key"] for m in catalog()["measurements"]]))
     perception_path = eval_path.parent / "perception.npz"
     if perception_path.is_file():
-        cell.values.update(_indexed(perception_path, cell.digest, ["nonlinearity"]))
+        arrays = _indexed(perception_path, cell.digest, ["nonlinearity", "defended_pgd20"])
+        _check_same_pgd20(perception_path, arrays.pop("defended_pgd20", None), cell.values.get("pgd20"))
+        cell.values.update(arrays)
     return cell
+
+
+def _check_same_pgd20(path: Path, perceived, evaluated) -> None:
+    """The perception job attacks with evaluation's PGD-20 and the same per-block generators: the outcomes agree."""
+    if perceived is not None and evaluated is not None and perceived.shape == evaluated.shape:
+        differ = int(np.sum(perceived.astype(bool) != evaluated.astype(bool)))
+        if differ:
+            _warn(f"{path}: PGD-20 outcomes differ from evaluation's on {differ} of {len(evaluated)} examples; the "
+                  "path was measured to other adversarial examples than evaluation attacked with (rerun both)")
 
 
 def load_cells(eval_files) -> list[CellValues]:

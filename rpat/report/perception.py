@@ -70,11 +70,13 @@ def _by_coords(records: list[dict]) -> pd.DataFrame:
         for p in PERTURBATIONS:
             row |= {f"{p}_clean": _float(r[p]["clean_acc"]), f"{p}_acc": _float(r[p]["perturbed_acc"])}
             row |= {f"{p}_{g}": _float(r[p]["mse"][g]) for g in GROUPS}
+            row |= {f"{p}_n_{g}": int(r[p]["mse"]["n" if g == "all" else f"n_{g}"]) for g in GROUPS}
         rows.append(row)
     df = pd.DataFrame(rows)
-    numeric = [c for c in df.columns if c not in COORDS + ["label", "per_alpha", "alphas"]]
+    counts = [c for c in df.columns if "_n_" in c]
+    numeric = [c for c in df.columns if c not in COORDS + ["label", "per_alpha", "alphas"] + counts]
     g = df.groupby(COORDS + ["label"], sort=True)
-    out = g[numeric].mean()
+    out = g[numeric].mean().join(g[counts].sum())  # MSEs: mean over seeds; examples per group: summed
     out["per_alpha"] = g["per_alpha"].apply(lambda s: np.mean(np.stack(list(s)), axis=0))
     out["alphas"] = g["alphas"].first()
     out["seeds"] = g.size()
@@ -94,7 +96,10 @@ def _motivation_panel(ax, grp: pd.DataFrame, key: str) -> list:
     x = np.arange(len(grp))
     width, colors = 0.26, {"all": "0.55", "success": "tab:green", "failure": "tab:red"}
     for k, g in enumerate(GROUPS):
-        ax.bar(x + (k - 1) * width, grp[f"{key}_{g}"].to_numpy(), width, color=colors[g], label=f"MSE, {g}")
+        bars = ax.bar(x + (k - 1) * width, grp[f"{key}_{g}"].fillna(0).to_numpy(), width, color=colors[g],
+                      label=f"MSE, {g}")
+        if g != "all":  # how many examples each mean is over: a group of a few says little
+            ax.bar_label(bars, [f"n={n}" for n in grp[f"{key}_n_{g}"]], fontsize=5, padding=1)
     values = grp[[f"{key}_{g}" for g in GROUPS]].to_numpy().ravel()
     positive = values[np.isfinite(values) & (values > 0)]
     if len(positive) and positive.max() / positive.min() > 100:

@@ -78,7 +78,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _seed_averaged_derived(agg: pd.DataFrame) -> pd.DataFrame:
-    from rpat.evaluate import DERIVED  # torch: imported by the report job only, never while planning
+    if not (agg.n_seeds > 1).any():  # one seed: the seed's own values are those of the averages
+        return agg
+    from rpat.evaluate import DERIVED  # imports torch (seconds): only when several seeds need it
 
     for d in DERIVED.values():
         cols = [f"{k}_mean" for k in d.inputs]
