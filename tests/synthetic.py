@@ -55,7 +55,8 @@ def write_perception(d, cell, index, nl, examples, given: dict, defended_pgd20):
           "mlflow_metrics": {"perception_nonlinearity": float(nl.mean())}}
     (d / "perception.json").write_text(json.dumps(js))
     np.savez(d / "perception.npz", index=index, mse_noise=np.full(n, 0.1), defended_noise=np.ones(n, bool),
-             mse_pgd20=np.full(n, 1.0), defended_pgd20=np.asarray(defended_pgd20, bool), path_mse=path_mse, nonlinearity=nl)
+             mse_pgd20=np.full(n, 1.0), defended_pgd20=np.asarray(defended_pgd20, bool), path_mse=path_mse,
+             nonlinearity=nl)
 
 
 def md_table(path) -> dict[str, dict[str, str]]:
