@@ -1,4 +1,4 @@
-"""``rpat train | evaluate | report | export | prepare-data | sync-tracking | info | bench``: every pipeline job,
+"""``rpat train | evaluate | perceive | report | export | prepare-data | sync-tracking | info | bench``: every pipeline job,
 runnable by hand. The workflow's rules call these with explicit input and output paths; by hand the
 paths default to the cell's directory, ``<results_dir>/runs/<cell>``.
 
@@ -6,6 +6,7 @@ Examples::
 
     rpat train    --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat evaluate --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
+    rpat perceive --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat report   --config config/config.yaml
     rpat export   --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0 --out export/
     rpat info --json
@@ -64,6 +65,17 @@ def _shard(text: str) -> tuple[int, int]:
     if not 1 <= i <= n:
         raise argparse.ArgumentTypeError(f"shard {text}: I must be in 1..N")
     return i, n
+
+
+def cmd_perceive(args) -> int:
+    from rpat.perceive import perceive
+
+    cfg, cell = _load(args)
+    run_dir = cfg.run_dir(cell)
+    res = perceive(cfg.settings(cell), args.record or run_dir / "train.json", args.out or run_dir / "perception.json",
+                   tracking=cfg.tracking, checkpoint_path=args.checkpoint, threads=args.threads)
+    print(json.dumps({"cell": res["cell"], **res["mlflow_metrics"]}))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -199,6 +211,11 @@ def _parser() -> argparse.ArgumentParser:
                    "into a shard result for --merge")
     e.add_argument("--merge", nargs="+", metavar="SHARD_JSON", help="combine these shard results into --out instead "
                    "of evaluating")
+    pc = job("perceive", cmd_perceive, "perception analysis of one trained cell: logit MSE under noise and PGD-20, "
+             "and along the path to PGD-20's example")
+    pc.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
+    pc.add_argument("--checkpoint", help="checkpoint to analyse (default: the primary one eval names in train.json)")
+    pc.add_argument("--out", help="perception.json to write, perception.npz beside it (default beside train.json)")
     r = job("report", cmd_report, "tables and plots from eval.json files", cell=False)
     r.add_argument("--inputs", nargs="*", help="eval.json files (default: those of the config's grid)")
     r.add_argument("--out", help="output directory (default <results_dir>)")

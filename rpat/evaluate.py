@@ -226,7 +226,7 @@ def check_belongs(settings: CellSettings, record: dict, record_path: Path, ckpt:
                               f"{cell.model!r}, fingerprint {record['fingerprint']!r}); rerun the cell's training")
 
 
-def _read_record(path: Path) -> dict:
+def read_train_record(path: Path) -> dict:
     if not path.is_file():
         raise EvaluationError(f"{path} does not exist: the cell has not been trained; run its training first "
                               "(snakemake does, or `rpat train` by hand)")
@@ -291,16 +291,11 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
     i, n_shards = shard or (1, 1)
     if not 1 <= i <= n_shards:
         raise EvaluationError(f"shard {i} of {n_shards} does not exist; shards are numbered 1..{n_shards}")
-    record = _read_record(record_path)
+    record = read_train_record(record_path)
     # the cell's MLflow run (re-opened; it ends FINISHED, KILLED or FAILED with this job); shards leave it to the merge
-    with _cell_run(settings, tracking, record.get("mlflow_run_id"), active=n_shards == 1) as run:
-        ckpt_path = Path(checkpoint_path) if checkpoint_path else _checkpoint_path(record, record_path, which)
-        device = runtime.select_device(settings.train.device)
-        runtime.set_threads(threads or settings.train.threads)
-        runtime.seed_everything(cell.seed)
-        model, ckpt = load_model(ckpt_path, device)
-        check_belongs(settings, record, record_path, ckpt, ckpt_path)
-        x, y, index = evaluated_examples(settings)
+    with cell_run(settings, tracking, record.get("mlflow_run_id"), active=n_shards == 1) as run:
+        ckpt_path, model, ckpt, device, (x, y, index) = load_for(settings, record, record_path, which,
+                                                                 checkpoint_path, threads)
         header = _header(settings, record, which, ckpt, index)
         # what makes parts (and saved progress) belong together; the device type too: CPU and CUDA generators differ
         key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
@@ -319,7 +314,20 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
     return result
 
 
-def _cell_run(settings: CellSettings, tracking: dict, run_id: str | None, active: bool = True):
+def load_for(settings: CellSettings, record: dict, record_path: Path, which: str, checkpoint_path=None,
+             threads: int | None = None):
+    """What a job that measures a cell's checkpoint needs, set up alike for every such job (evaluation,
+    perception): the checkpoint (checked to belong to the cell), the device, and the evaluated examples."""
+    ckpt_path = Path(checkpoint_path) if checkpoint_path else _checkpoint_path(record, record_path, which)
+    device = runtime.select_device(settings.train.device)
+    runtime.set_threads(threads or settings.train.threads)
+    runtime.seed_everything(settings.cell.seed)
+    model, ckpt = load_model(ckpt_path, device)
+    check_belongs(settings, record, record_path, ckpt, ckpt_path)
+    return ckpt_path, model, ckpt, device, evaluated_examples(settings)
+
+
+def cell_run(settings: CellSettings, tracking: dict, run_id: str | None, active: bool = True):
     """The cell's MLflow run as a context (see :class:`rpat.tracking.CellRun`); None when tracking is off."""
     if not (tracking["enabled"] and active):
         return contextlib.nullcontext()
@@ -337,7 +345,7 @@ def merge(settings: CellSettings, shard_paths: list[str | Path], out_path: str |
         if stats["header"].get("eval_fingerprint") != settings.eval_fingerprint:
             raise EvaluationError(f"{path} was computed with other evaluation settings than the config gives "
                                   f"{settings.cell.id}; rerun its shard job (snakemake does)")
-    with _cell_run(settings, tracking, parts[0][0].get("mlflow_run_id")) as run:
+    with cell_run(settings, tracking, parts[0][0].get("mlflow_run_id")) as run:
         return _write_result(settings, parts, out_path, Path(outcomes_path) if outcomes_path else
                              outcomes_path_for(out_path), run)
 

@@ -74,6 +74,17 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_npz(path: str | Path, arrays: dict) -> None:
+    """``numpy.savez`` of ``arrays`` (name -> array), atomically."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
 def read_json(path: str | Path) -> Any:
     """The JSON in ``path``; a truncated or corrupt file raises :class:`ResultFileError` naming it."""
     try:

@@ -115,6 +115,7 @@ class EvalSettings:
     batch_size: int = 500
     pgd_steps: int = 20
     cw_steps: int = 30
+    perception_alphas: int = 11  # points of [0, 1] at which `rpat perceive` measures the path x -> x'
     autoattack: AutoAttackSettings = field(default_factory=AutoAttackSettings)
     block_size: int = 500  # examples per block: the unit of randomness, saved progress and sharding
     shards: int = 1  # jobs one cell's evaluation is split into (over disjoint blocks), merged into eval.json

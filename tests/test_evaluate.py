@@ -255,7 +255,7 @@ def test_dry_run_plans_one_job_per_shard_and_a_merge_per_checkpoint(tmp_path):
     table = out.stdout.split("Job stats:")[1].split("Reasons:")[0]
     counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
     # 2 cells x 2 checkpoints: 3 shard jobs and 1 merge each
-    assert counts == {"train": 2, "evaluate_shard": 12, "evaluate": 4, "report": 1, "all": 1, "total": 20}
+    assert counts == {"train": 2, "evaluate_shard": 12, "evaluate": 4, "perceive": 2, "report": 1, "all": 1, "total": 22}
     cell_dir = "results/runs/digits/cnn/linf/pgd_at/seed0"
     assert (f"--shard 2/3 --out {cell_dir}/eval-shards/last-2of3.json --outcomes "
             f"{cell_dir}/eval-shards/last-2of3.npz") in out.stdout

@@ -190,7 +190,7 @@ def test_example_config_plans_zoo_cells_beside_rpat_cells(tmp_path):
         in out.stdout
     table = out.stdout.split("Job stats:")[1]
     counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
-    assert counts == {"prepare_data": 1, "train": 4, "evaluate": 4, "report": 1, "all": 1}
+    assert counts == {"prepare_data": 1, "train": 4, "evaluate": 4, "perceive": 4, "report": 1, "all": 1}
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -36,7 +37,7 @@ def test_dry_run_plans_the_demo_grid(tmp_path):
     (tmp_path / "config" / "config.yaml").write_text((ROOT / "config" / "config.yaml").read_text())
     out = snakemake("-n", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert job_counts(out.stdout) == {"train": 4, "evaluate": 4, "report": 1, "all": 1}
+    assert job_counts(out.stdout) == {"train": 4, "evaluate": 4, "perceive": 4, "report": 1, "all": 1}
 
 
 def test_dry_run_plans_the_paper_grid_quickly_without_data(tmp_path):
@@ -47,8 +48,19 @@ def test_dry_run_plans_the_paper_grid_quickly_without_data(tmp_path):
     # 3 datasets x 4 baselines x 2 + PreActResNet-18 (2 datasets x 2 norms x 2) + WRN-34-10 x 2; each data
     # set on disk is prepared once (downloaded if allowed, laid out, decoded into the cache) before training;
     # each cell's best and last checkpoints are evaluated (eval.checkpoints)
-    assert job_counts(out.stdout) == {"prepare_data": 3, "train": 34, "evaluate": 68, "report": 1, "all": 1}
+    assert job_counts(out.stdout) == {"prepare_data": 3, "train": 34, "evaluate": 68, "perceive": 34, "report": 1,
+                                      "all": 1}
     print(f"planning the paper grid took {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("name", ["perception", "perception-cifar10"])
+def test_dry_run_plans_the_perception_study(tmp_path, name):
+    """ce, noise and pgd_at: each trained, evaluated and analysed (`rpat perceive`), then the report."""
+    out = snakemake("-n", "--configfile", str(ROOT / "config" / f"{name}.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = {"prepare_data": 1} if name.endswith("cifar10") else {}
+    assert job_counts(out.stdout) == {**data, "train": 3, "evaluate": 3, "perceive": 3, "report": 1, "all": 1}
+    assert "results/perception" in out.stdout
 
 
 def test_lint_is_clean():
@@ -98,12 +110,25 @@ def test_tiny_grid_end_to_end(tmp_path):
     md = (tmp_path / "results" / "tables" / "summary.md").read_text()
     assert re.search(r"^\| PGD-AT\+RPAT +\|", md, re.M) and re.search(r"^\| Δ +\|", md, re.M)
     assert (tmp_path / "results" / "plots" / "tradeoff.png").stat().st_size > 10_000
+    for name in ("perception", "path"):  # the perceive jobs ran and the report drew them
+        assert (tmp_path / "results" / "plots" / f"{name}.png").stat().st_size > 20_000
+    assert summary.nonlinearity.notna().all() and (summary.nonlinearity >= 0).all()
+    # the pair compared on the same examples: the nonlinearity always, accuracies where evaluation kept outcomes
+    comparison = pd.read_csv(tmp_path / "results" / "tables" / "comparison.csv")
+    outcomes = (tmp_path / "results" / "runs" / summary.cell[0] / "outcomes.npz").exists()
+    assert set(comparison.metric) == {"nonlinearity"} | ({"clean", "pgd20", "cw", "aa"} if outcomes else set())
+    assert re.search(r"^\| Δ .*\[", md, re.M) and (comparison.n == 24).all()
 
     run_dir = tmp_path / "results" / "runs" / "digits" / "cnn" / "linf" / "pgd_at+rpat" / "seed0"
     train = json.loads((run_dir / "train.json").read_text())
     assert [h["epoch"] for h in train["history"]] == [1, 2]
     assert {"loss_ce", "loss_rpat", "loss_rpat_weighted", "loss_total", "val_clean", "val_pgd"} <= set(
         train["history"][0])
+    perception = json.loads((run_dir / "perception.json").read_text())
+    assert perception["path"]["n"] == 24 and len(perception["path"]["per_alpha"]) == 11
+    if outcomes:  # the path ends at the very examples evaluation's PGD-20 attacked with (same per-block generators)
+        with np.load(run_dir / "perception.npz") as p, np.load(run_dir / "outcomes.npz") as o:
+            assert np.array_equal(p["index"], o["index"]) and np.array_equal(p["defended_pgd20"], o["pgd20"])
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["n_examples"] == 24 and ev["eps"] == pytest.approx(0.3)
     assert list(ev["aa_per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"][: len(ev["aa_per_attack"])]
@@ -119,7 +144,7 @@ def test_tiny_grid_end_to_end(tmp_path):
     for r in runs:
         assert {"dataset", "model", "norm", "method", "rpat", "seed"} <= set(r.data.tags)
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_pgd")] == [1, 2]
-        assert "test_aa" in r.data.metrics and "test_clean" in r.data.metrics
+        assert {"test_aa", "test_clean", "perception_nonlinearity"} <= set(r.data.metrics)
         assert r.data.params["train.epochs"] == "2"
 
     again = snakemake("-n", "--configfile", str(cfg_path), cwd=tmp_path)

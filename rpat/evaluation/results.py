@@ -39,13 +39,7 @@ def index_digest(index) -> str:
 
 def write_outcomes(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """``index`` (int64) and one bool array per measurement, atomically."""
-    arrays = {k: np.asarray(v, dtype=np.int64 if k == "index" else bool) for k, v in arrays.items()}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
-            np.savez(f, **arrays)
-
-    files.atomic_write(path, write)
+    files.write_npz(path, {k: np.asarray(v, dtype=np.int64 if k == "index" else bool) for k, v in arrays.items()})
 
 
 def read_outcomes(path: str | Path) -> dict[str, np.ndarray]:

@@ -1,13 +1,17 @@
 """Results -> the paper's tables and figures.
 
-Inputs are the cells' ``eval.json`` files (the source of truth). Outputs, under ``<results_dir>``
+Inputs are the cells' ``eval.json`` files (the source of truth) and, beside each, ``outcomes.npz`` (per-example
+outcomes), ``perception.json`` and ``perception.npz`` where they exist. Outputs, under ``<results_dir>``
 (:func:`outputs` lists them, so the workflow declares exactly what :func:`write_report` writes):
-  tables/summary.csv   one row per cell: coordinates, every metric, what was evaluated
-  tables/summary.md    the paper's layout per dataset/model/norm: baseline, +RPAT and the difference,
-                       mean ± std over seeds, the paper's reported numbers beside ours where they exist
-  tables/summary.tex   the same in LaTeX (booktabs)
-  tables/<block>.*     the same per named grid block, when the config has several
-  plots/tradeoff.png   clean vs AA, an arrow from each baseline to its +RPAT run (and .pdf)
+  tables/summary.csv     one row per cell: coordinates, every metric, the perception columns, what was evaluated
+  tables/summary.md      the paper's layout per dataset/model/norm: baseline, +RPAT and the difference with its
+                         95% paired interval and McNemar p, mean ± std over seeds, the paper's numbers beside ours
+  tables/summary.tex     the same in LaTeX (booktabs)
+  tables/<block>.*       the same per named grid block, when the config has several
+  tables/comparison.csv  one row per (baseline, +RPAT) pair and metric: delta, interval, p (rpat.report.comparison)
+  plots/tradeoff.png     clean vs AA with 95% intervals, an arrow from each baseline to its +RPAT run (and .pdf)
+  plots/perception.png   the motivation figure: logit MSE under noise and PGD-20 by outcome (and .pdf)
+  plots/path.png         MSE to the straight line along the path to PGD-20's example (and .pdf)
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpat.cells import block_cells, run_dir
-from rpat.report import plots, tables
+from rpat.report import comparison, perception, plots, tables
 from rpat.report.tables import aggregate, collect, paper_numbers  # noqa: F401 - the report's API
 
 TABLE_FORMATS = ("csv", "md", "tex")
+PLOTS = ("tradeoff", "perception", "path")
 
 
 def table_stems(cfg) -> list[str]:
@@ -31,7 +36,8 @@ def outputs(cfg, out_dir: str | Path | None = None) -> list[Path]:
     """Every file :func:`write_report` writes for ``cfg``."""
     out = Path(out_dir or cfg.results_dir)
     files = [out / "tables" / f"{stem}.{ext}" for stem in table_stems(cfg) for ext in TABLE_FORMATS]
-    return files + [out / "plots" / "tradeoff.png", out / "plots" / "tradeoff.pdf"]
+    files.append(out / "tables" / "comparison.csv")
+    return files + [out / "plots" / f"{name}.{ext}" for name in PLOTS for ext in ("png", "pdf")]
 
 
 def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None = None) -> list[Path]:
@@ -43,12 +49,20 @@ def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None =
     if missing:
         raise FileNotFoundError(f"missing evaluation results: {', '.join(missing[:5])}"
                                 f"{' ...' if len(missing) > 5 else ''}; run the evaluate jobs first (snakemake)")
-    df = collect(files)
+    records = perception.load(files)
+    df = perception.add_columns(collect(files), records)
+    cells = comparison.load_cells(files)
+    comparisons = comparison.compare(cells)
     paper = paper_numbers()
-    written = tables.write_tables(df, out / "tables", "summary", cfg.experiment, paper)
+    written = tables.write_tables(df, out / "tables", "summary", cfg.experiment, paper, comparisons)
     for stem in table_stems(cfg)[1:]:
         block = next(b for b in cfg.blocks() if b.get("name") == stem)
         ids = {c.id for c in block_cells(block)}
-        written += tables.write_tables(df[df.cell.isin(ids)], out / "tables", stem, f"{cfg.experiment}: {stem}", paper)
-    written += plots.tradeoff(aggregate(df), out / "plots" / "tradeoff.png", cfg.experiment)
+        written += tables.write_tables(df[df.cell.isin(ids)], out / "tables", stem, f"{cfg.experiment}: {stem}", paper,
+                                       comparisons)
+    written += comparison.write_csv(comparisons, out / "tables" / "comparison.csv")
+    written += plots.tradeoff(aggregate(df), out / "plots" / "tradeoff.png", cfg.experiment,
+                              comparison.cell_intervals(cells))
+    written += perception.motivation_figure(records, out / "plots" / "perception.png", cfg.experiment)
+    written += perception.path_figure(records, out / "plots" / "path.png", cfg.experiment)
     return written

@@ -24,15 +24,26 @@ GROUP = ["dataset", "model", "norm"]
 PAPER_METRICS = ("clean", "aa", "mean", "nrr")
 
 
-def metrics() -> list[dict]:
-    """Measured and derived metrics in table order: the paper's columns first, then the others."""
+# The perception metric the tables show (summary.csv has every perception column: rpat.report.perception).
+NONLINEARITY = {"key": "nonlinearity", "header": "Path NL", "paper": False, "kind": "value",
+                "description": "path nonlinearity: logit MSE to the straight line x -> x' (PGD-20), mean over alpha"}
+
+
+def metrics(with_perception: bool = False) -> list[dict]:
+    """Measured and derived metrics in table order: the paper's columns first, then the others (accuracies in %),
+    then the path nonlinearity when asked for."""
     cat = catalog()
-    every = cat["measurements"] + cat["derived"]
-    return [m for m in every if m["paper"]] + [m for m in every if not m["paper"]]
+    every = [m | {"kind": "accuracy"} for m in cat["measurements"] + cat["derived"]]
+    ordered = [m for m in every if m["paper"]] + [m for m in every if not m["paper"]]
+    return ordered + ([NONLINEARITY] if with_perception else [])
 
 
-def metric_keys() -> list[str]:
-    return [m["key"] for m in metrics()]
+def metric_keys(with_perception: bool = False) -> list[str]:
+    return [m["key"] for m in metrics(with_perception)]
+
+
+def has_perception(df: pd.DataFrame) -> bool:
+    return NONLINEARITY["key"] in df and bool(df[NONLINEARITY["key"]].notna().any())
 
 
 def paper_numbers() -> pd.DataFrame:
@@ -89,12 +100,29 @@ def collect(eval_files: Iterable[Path | tuple[Cell, Path]]) -> pd.DataFrame:
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std (ddof=1; NaN for one seed) over seeds per grid coordinate."""
-    keys = metric_keys()
+    """Mean and std (ddof=1; NaN for one seed) over seeds per grid coordinate.
+
+    Derived metrics (Mean, NRR) are those of the seed-averaged measurements (NRR of the mean Clean and mean AA),
+    not the average of the per-seed values; their std is the spread of the per-seed values.
+    """
+    keys = metric_keys(has_perception(df))
     g = df.groupby(COORDS, sort=True)
     out = g[keys].mean().add_suffix("_mean").join(g[keys].std(ddof=1).add_suffix("_std"))
     out["n_seeds"] = g.size()
-    return out.reset_index()
+    return _seed_averaged_derived(out).reset_index()
+
+
+def _seed_averaged_derived(agg: pd.DataFrame) -> pd.DataFrame:
+    if not (agg.n_seeds > 1).any():  # one seed: the seed's own values are those of the averages
+        return agg
+    from rpat.evaluate import DERIVED  # imports torch (seconds): only when several seeds need it
+
+    for d in DERIVED.values():
+        cols = [f"{k}_mean" for k in d.inputs]
+        if all(c in agg for c in cols):
+            agg[f"{d.key}_mean"] = [math.nan if any(pd.isna(v) for v in values) else d.fn(*values)
+                                    for values in agg[cols].itertuples(index=False)]
+    return agg
 
 
 def _display(kind: str, name: str) -> str:
@@ -112,15 +140,70 @@ def _paper_value(paper: pd.DataFrame, row, metric: str) -> float | None:
     return float(hit.iloc[0][metric]) if len(hit) and metric in hit.columns else None
 
 
-def _fmt(mean: float, std: float | None, n: int) -> str:
+def number(value, kind: str = "accuracy", sign: bool = False) -> str:
+    """Accuracies (%) with 2 decimals, other values (the nonlinearity) with 3 significant digits; "–" for none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    spec = ("+" if sign else "") + (".2f" if kind == "accuracy" else ".3g")
+    return format(value, spec)
+
+
+def _fmt(mean: float, std: float | None, n: int, kind: str = "accuracy") -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 and std is not None and not math.isnan(std) else f"{mean:.2f}"
+    if n > 1 and std is not None and not math.isnan(std):
+        return f"{number(mean, kind)} ± {number(std, kind)}"
+    return number(mean, kind)
 
 
-def table_rows(agg: pd.DataFrame, paper: pd.DataFrame) -> list[dict]:
-    """Rows in the paper's layout: per (dataset, model, norm, method): baseline, +RPAT, Δ."""
-    keys, rows = metric_keys(), []
+def delta_text(c, kind: str) -> str:
+    """"+1.25 [-0.62, +3.12]" from a comparison row; "*" appended when the interval excludes 0."""
+    text = f"{number(c.delta, kind, True)} [{number(c.lo, kind, True)}, {number(c.hi, kind, True)}]"
+    return text + ("*" if c.excludes_zero else "")
+
+
+def _comparisons_of(comparisons: pd.DataFrame | None, key: tuple) -> dict:
+    if comparisons is None or not len(comparisons):
+        return {}
+    hit = comparisons[(comparisons[GROUP + ["method"]] == pd.Series(dict(zip(GROUP + ["method"], key)))).all(axis=1)]
+    return {r.metric: r for r in hit.itertuples()}
+
+
+def _difference_rows(base: dict, by: dict, ms: list[dict], comps: dict) -> list[dict]:
+    """The Δ row (with intervals where the comparison has them) and, for accuracies tested, the McNemar p row."""
+    blank = {f"paper_{m}": "" for m in PAPER_METRICS}
+    paired_seeds = max((int(c.seeds) for c in comps.values()), default="")  # the seeds the intervals pool
+    delta = {**base, "method": "Δ", "seeds": paired_seeds, **blank}
+    for m in ms:
+        k = m["key"]
+        if k in comps:
+            delta[k] = delta_text(comps[k], m["kind"])
+        else:
+            d = getattr(by[True], f"{k}_mean") - getattr(by[False], f"{k}_mean")
+            delta[k] = number(d, m["kind"], sign=True)
+    tested = {k: c for k, c in comps.items() if c.kind == "accuracy"}
+    if not tested:
+        return [delta]
+    p_row = {**base, "method": P_LABEL, "seeds": "", **blank}
+    p_row.update({m["key"]: _p_text(tested[m["key"]]) if m["key"] in tested else "" for m in ms})
+    return [delta, p_row]
+
+
+def _p_text(c) -> str:
+    """The p-value of one seed; for several, each seed's p ("0.031 / 0.12"): pooling them would count every
+    test example once per seed, as if independent."""
+    if isinstance(c.p_seeds, str) and c.p_seeds:
+        return " / ".join(f"{float(p):.3g}" for p in c.p_seeds.split(";"))
+    return "–"
+
+
+P_LABEL = "p (McNemar)"
+
+
+def table_rows(agg: pd.DataFrame, paper: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> list[dict]:
+    """Rows in the paper's layout: per (dataset, model, norm, method): baseline, +RPAT, Δ (and McNemar's p)."""
+    ms = [m for m in metrics(True) if f"{m['key']}_mean" in agg]
+    rows = []
     for (dataset, model, norm, method), grp in agg.groupby(GROUP + ["method"], sort=True):
         by = {bool(r.rpat): r for r in grp.itertuples()}
         base = {"dataset": dataset, "model": model, "norm": norm}
@@ -128,24 +211,21 @@ def table_rows(agg: pd.DataFrame, paper: pd.DataFrame) -> list[dict]:
             if on in by:
                 r = by[on]
                 row = {**base, "method": method_label(method, on), "seeds": int(r.n_seeds)}
-                row.update({m: _fmt(getattr(r, f"{m}_mean"), getattr(r, f"{m}_std"), r.n_seeds) for m in keys})
+                row.update({m["key"]: _fmt(getattr(r, f"{m['key']}_mean"), getattr(r, f"{m['key']}_std"),
+                                           r.n_seeds, m["kind"]) for m in ms})
                 for m in PAPER_METRICS:
                     pv = _paper_value(paper, r, m)
                     row[f"paper_{m}"] = f"{pv:.2f}" if pv is not None else ""
                 rows.append(row)
         if False in by and True in by:
-            row = {**base, "method": "Δ", "seeds": ""}
-            for m in keys:
-                d = getattr(by[True], f"{m}_mean") - getattr(by[False], f"{m}_mean")
-                row[m] = "–" if d is None or math.isnan(d) else f"{d:+.2f}"
-            rows.append({**row, **{f"paper_{m}": "" for m in PAPER_METRICS}})
+            rows += _difference_rows(base, by, ms, _comparisons_of(comparisons, (dataset, model, norm, method)))
     return rows
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     """A block's rows with display headers; the paper's columns only where it reports numbers."""
-    headers = {m["key"]: m["header"] for m in metrics()}
-    cols = ["method", "seeds"] + metric_keys()
+    headers = {m["key"]: m["header"] for m in metrics(True)}
+    cols = ["method", "seeds"] + [k for k in metric_keys(True) if any(k in r for r in rows)]
     if any(r.get(f"paper_{m}") for r in rows for m in PAPER_METRICS):
         cols += [f"paper_{m}" for m in PAPER_METRICS]
     names = {c: f"paper {headers[c[6:]]}" if c.startswith("paper_") else headers.get(c, c.capitalize()) for c in cols}
@@ -160,17 +240,37 @@ def _blocks(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 CAPTION = ("Accuracies in % on the evaluated test examples; Mean = (Clean + AA)/2, NRR = 2·Clean·AA/(Clean + AA); "
-           "mean ± std over seeds where there are several; `paper` columns: numbers reported in the paper.")
+           "mean ± std over seeds where there are several; over several seeds, Mean and NRR are computed from the "
+           "seed-averaged Clean and AA, and their ± is the std of the per-seed values; "
+           "`paper` columns: numbers reported in the paper.")
+CAPTION_PERCEPTION = ("Path NL: the path nonlinearity, the logit MSE between z(x + a(x' - x)) and the straight line "
+                      "(1 - a) z(x) + a z(x'), x' = PGD-20's example, averaged over a in [0, 1] and the examples "
+                      "(lower: straighter; docs/perception.md).")
+CAPTION_INTERVALS = ("Δ = +RPAT - baseline [95% paired bootstrap interval over the test examples, and over seeds when "
+                     "there are several]; * marks an interval that excludes 0: a difference the test set (and seeds) "
+                     "do not explain by chance. p (McNemar): exact McNemar p-value on the examples the two models "
+                     "classify differently, one per seed (docs/statistics.md).")
+
+
+def caption(rows: list[dict]) -> str:
+    """The table's caption: what the numbers are, with the lines on nonlinearity and intervals that apply."""
+    lines = [CAPTION]
+    if any(NONLINEARITY["key"] in r for r in rows):
+        lines.append(CAPTION_PERCEPTION)
+    if any("[" in str(v) for r in rows if r["method"] == "Δ" for v in r.values()):
+        lines.append(CAPTION_INTERVALS)
+    return " ".join(lines)
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    out = [f"# {title}", "", CAPTION, ""]
+    out = [f"# {title}", "", caption(rows), ""]
     for key, grp in _blocks(rows).items():
-        out += [f"## {' / '.join(key)}", "", _frame(grp).to_markdown(index=False, tablefmt="pipe", disable_numparse=True), ""]
+        table = _frame(grp).to_markdown(index=False, tablefmt="pipe", disable_numparse=True)
+        out += [f"## {' / '.join(key)}", "", table, ""]
     return "\n".join(out)
 
 
-_LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "∞": r"$\infty$", "–": "--"}
+_LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "∞": r"$\infty$", "–": "--", "·": r"$\cdot$"}
 
 
 def latex(rows: list[dict], title: str) -> str:
@@ -179,7 +279,7 @@ def latex(rows: list[dict], title: str) -> str:
     for key, grp in _blocks(rows).items():
         frame = _frame(grp)
         styler = frame.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-        tex = styler.to_latex(hrules=True, caption=_escape(" / ".join(key)), position="t",
+        tex = styler.to_latex(hrules=True, caption=_escape(f"{' / '.join(key)}. {caption(grp)}"), position="t",
                               column_format="l" + "r" * (frame.shape[1] - 1), environment="table")
         for sym, rep in _LATEX_SYMBOLS.items():
             tex = tex.replace(sym, rep)
@@ -196,9 +296,11 @@ def _escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
-def write_tables(df: pd.DataFrame, tables: Path, stem: str, title: str, paper: pd.DataFrame) -> list[Path]:
-    """``<stem>.csv`` (one row per cell), ``<stem>.md`` and ``<stem>.tex`` (the paper's layout)."""
-    rows = table_rows(aggregate(df), paper) if len(df) else []
+def write_tables(df: pd.DataFrame, tables: Path, stem: str, title: str, paper: pd.DataFrame,
+                 comparisons: pd.DataFrame | None = None) -> list[Path]:
+    """``<stem>.csv`` (one row per cell), ``<stem>.md`` and ``<stem>.tex`` (the paper's layout, with the paired
+    comparisons' intervals in the Δ rows)."""
+    rows = table_rows(aggregate(df), paper, comparisons) if len(df) else []
     csv_path, md_path, tex_path = (tables / f"{stem}.{ext}" for ext in ("csv", "md", "tex"))
     files.atomic_write(csv_path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.4f"))
     files.write_text(md_path, markdown(rows, title))

@@ -79,6 +79,18 @@ def eval_fingerprint(wildcards):
     return settings_of(wildcards).eval_fingerprint
 
 
+def perception_fingerprint(wildcards):
+    """What `rpat perceive` depends on: the cell's training and the eval keys it reads (not AutoAttack's or CW's)."""
+    s = settings_of(wildcards)
+    used = {k: v for k, v in s.resolved["eval"].items() if k not in ("autoattack", "cw_steps")}
+    return fingerprint({"eval": used, "train": s.train_fingerprint})
+
+
+def primary_checkpoint(wildcards):
+    """The checkpoint file perception analyses: the first of eval.checkpoints."""
+    return f"{CELL_DIR.format(**wildcards)}/checkpoint-{settings_of(wildcards).eval.checkpoints[0]}.pt"
+
+
 def run_dir_of(wildcards, output):
     return os.path.dirname(output.record)
 

@@ -1,6 +1,8 @@
 rule report:
     input:
-        cell_paths("eval.json"),
+        evals=cell_paths("eval.json"),
+        # read beside each eval.json (with outcomes.npz) by the report
+        perception=cell_paths("perception.json"),
     output:
         REPORT_OUTPUTS,
     params:
@@ -13,5 +15,5 @@ rule report:
         "../../environment.yml"
     # After the tables, MLflow is reconciled with the JSON results (idempotent; never fails the rule).
     shell:
-        "{params.rpat} report --config {params.configs} --inputs {input} > {log} 2>&1"
+        "{params.rpat} report --config {params.configs} --inputs {input.evals} > {log} 2>&1"
         " && {params.rpat} sync-tracking --config {params.configs} >> {log} 2>&1"
