@@ -44,7 +44,8 @@ def build() -> dict:
         "subsets": list(data.SUBSETS),
         "schedules": list(schedules.SCHEDULES),
         "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat, "display": o.label(False),
-                              "rpat_display": o.label(True)} for name, o in objectives.OBJECTIVES.items()},
+                              "rpat_display": o.label(True), "uses_teacher": o.uses_teacher,
+                              "supports_awp": o.supports_awp} for name, o in objectives.OBJECTIVES.items()},
         "measurements": [metric(m) for m in evaluate.MEASUREMENTS.values()],
         "derived": [metric(d) for d in evaluate.DERIVED.values()],
         "display": {
