@@ -45,6 +45,7 @@ def schema() -> dict:
                        ("norm", cat["norms"]), ("method", sorted(cat["objectives"]))):
         block[key] = {**block[key], "items": _enum(names)}
     block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
+    s["properties"]["recipes"]["additionalProperties"]["properties"] = dict(block["set"]["properties"])
     sections = s["$defs"]["sections"]
     sections["data"]["properties"]["augment"] = _enum(sorted(cat["augmentations"]))
     for section in ("data", "eval"):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from rpat import files
+from rpat.cells import PLAIN
 
 
 def pyplot():
@@ -32,10 +33,11 @@ def tradeoff(agg: pd.DataFrame, path: Path, title: str) -> list[Path]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, ((dataset, model, norm, method), grp) in enumerate(agg.groupby(["dataset", "model", "norm", "method"])):
+    for i, ((dataset, model, norm, method, recipe), grp) in enumerate(
+            agg.groupby(["dataset", "model", "norm", "method", "recipe"])):
         c = colors[i % len(colors)]
         by = {bool(r.rpat): r for r in grp.itertuples()}
-        label = f"{method} ({dataset}/{model}/{norm})"
+        label = f"{method}{'' if recipe == PLAIN else '+' + recipe} ({dataset}/{model}/{norm})"
         if False in by:
             ax.scatter(by[False].clean_mean, by[False].aa_mean, color=c, marker="o", label=label)
         if True in by:

@@ -16,8 +16,9 @@ import pandas as pd
 
 from rpat import files
 from rpat.catalog import catalog
+from rpat.cells import PLAIN
 
-COORDS = ["dataset", "model", "norm", "method", "rpat"]
+COORDS = ["dataset", "model", "norm", "method", "recipe", "rpat"]
 GROUP = ["dataset", "model", "norm"]
 PAPER_METRICS = ("clean", "aa", "mean", "nrr")
 
@@ -46,7 +47,8 @@ def collect(eval_files: list[Path]) -> pd.DataFrame:
     for f in eval_files:
         r = files.read_json(f)
         rows.append({"dataset": r["dataset"], "model": r["model"], "norm": r["norm"], "method": r["method"],
-                     "rpat": bool(r["rpat"]), "seed": int(r["seed"]), **{m: r.get(m) for m in csv_order},
+                     "recipe": r.get("recipe", PLAIN), "rpat": bool(r["rpat"]), "seed": int(r["seed"]),
+                     **{m: r.get(m) for m in csv_order},
                      "n_examples": r["n_examples"], "eps": r["eps"], "checkpoint": r["checkpoint"],
                      "selected_on": r.get("selection", {}).get("split"), "cell": r["cell"]})
     cols = COORDS + ["seed"] + csv_order + ["n_examples", "eps", "checkpoint", "selected_on", "cell"]
@@ -72,6 +74,8 @@ def method_label(method: str, rpat: bool) -> str:
 
 
 def _paper_value(paper: pd.DataFrame, row, metric: str) -> float | None:
+    if row.recipe != PLAIN:  # the paper trained without recipes
+        return None
     hit = paper[(paper.dataset == _display("dataset", row.dataset)) & (paper.model == _display("model", row.model))
                 & (paper.norm == _display("norm", row.norm)) & (paper.method == method_label(row.method, row.rpat))]
     return float(hit.iloc[0][metric]) if len(hit) and metric in hit.columns else None
@@ -84,11 +88,12 @@ def _fmt(mean: float, std: float | None, n: int) -> str:
 
 
 def table_rows(agg: pd.DataFrame, paper: pd.DataFrame) -> list[dict]:
-    """Rows in the paper's layout: per (dataset, model, norm, method): baseline, +RPAT, Δ."""
+    """Rows in the paper's layout: per (dataset, model, norm, method, recipe): baseline, +RPAT, Δ (plain first)."""
     keys, rows = metric_keys(), []
-    for (dataset, model, norm, method), grp in agg.groupby(GROUP + ["method"], sort=True):
+    groups = sorted(agg.groupby(GROUP + ["method", "recipe"], sort=True), key=lambda g: (*g[0][:4], g[0][4] != PLAIN))
+    for (dataset, model, norm, method, recipe), grp in groups:
         by = {bool(r.rpat): r for r in grp.itertuples()}
-        base = {"dataset": dataset, "model": model, "norm": norm}
+        base = {"dataset": dataset, "model": model, "norm": norm, "recipe": recipe}
         for on in (False, True):
             if on in by:
                 r = by[on]
@@ -110,7 +115,8 @@ def table_rows(agg: pd.DataFrame, paper: pd.DataFrame) -> list[dict]:
 def _frame(rows: list[dict]) -> pd.DataFrame:
     """A block's rows with display headers; the paper's columns only where it reports numbers."""
     headers = {m["key"]: m["header"] for m in metrics()}
-    cols = ["method", "seeds"] + metric_keys()
+    recipes = any(r.get("recipe", PLAIN) != PLAIN for r in rows)
+    cols = ["method"] + (["recipe"] if recipes else []) + ["seeds"] + metric_keys()
     if any(r.get(f"paper_{m}") for r in rows for m in PAPER_METRICS):
         cols += [f"paper_{m}" for m in PAPER_METRICS]
     names = {c: f"paper {headers[c[6:]]}" if c.startswith("paper_") else headers.get(c, c.capitalize()) for c in cols}
