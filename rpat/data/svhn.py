@@ -22,11 +22,12 @@ SVHN_STD = (0.1980, 0.2010, 0.1970)
 def read_svhn_mat(path) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x uint8 [N, 3, 32, 32], y int64 [N])`` from one of torchvision's SVHN files (label 10 -> 0)."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
         mat = loadmat(str(path))
         x, y = mat["X"], mat["y"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, MatReadError) as e:
         raise DataProblem(f"svhn: {path} cannot be read as torchvision's SVHN file ({e!r}). Delete it and set "
                           "data.download: true on a machine with internet, or copy the original file there.") from e
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
