@@ -70,6 +70,8 @@ class WeightAverage(AveragedModel):
         self.n_averaged.fill_(self.count)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if "n_averaged" not in state_dict:  # saved before the average was an AveragedModel: the module's state
+            state_dict = {"n_averaged": torch.tensor(1), **{f"module.{k}": v for k, v in state_dict.items()}}
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.count = int(self.n_averaged)
         return out

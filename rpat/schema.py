@@ -70,6 +70,8 @@ def _describe(error) -> str:
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         return f"unknown key {', '.join(map(repr, extra))} in {key}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "not" and "enum" in error.validator_value:
+        return f"{key}: {error.instance!r} is reserved; reserved names: {', '.join(error.validator_value['enum'])}"
     if error.validator == "enum":
         return f"{key}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
     return f"{key}: {error.message}"

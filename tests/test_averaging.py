@@ -94,6 +94,9 @@ def test_is_an_averaged_model_whose_step_counter_is_saved_and_restored():
         avg.update(net, 0.999)
         resumed.update(net, 0.999)
     assert weight(resumed) == weight(avg)  # bit for bit: the ramp continued where it stopped
+    older = WeightAverage(scalar_net(0.0))  # a training state saved before: the module's state only
+    older.load_state_dict({"weight": torch.tensor([[5.0]], dtype=torch.float64)})
+    assert weight(older) == 5.0 and older.count == 1
 
 
 THREAT = Threat("linf", 8 / 255, 2 / 255, 10)
