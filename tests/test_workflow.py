@@ -172,9 +172,12 @@ def test_dry_run_plans_the_recipes_and_svhn_grids(tmp_path):
 
 @pytest.mark.slow
 def test_recipes_digits_grid_end_to_end(tmp_path):
-    """config/recipes-digits.yaml through the real workflow: 12 cells, the recipe as a table column."""
+    """config/recipes-digits.yaml through the real workflow: 12 cells, the recipe as a table column (MLflow off:
+    test_tiny_grid_end_to_end covers it; 24 jobs spend most of their time starting up)."""
+    (tmp_path / "no-tracking.yaml").write_text("tracking: {enabled: false}\n")
     t0 = time.perf_counter()
-    out = snakemake("--cores", "2", "--configfile", str(ROOT / "config" / "recipes-digits.yaml"), cwd=tmp_path)
+    out = snakemake("--cores", "2", "--configfile", str(ROOT / "config" / "recipes-digits.yaml"),
+                    str(tmp_path / "no-tracking.yaml"), cwd=tmp_path)
     seconds = time.perf_counter() - t0
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = tmp_path / "results" / "recipes_digits"
