@@ -17,7 +17,8 @@ Random starts (``init``):
   normal    x + 0.001 * N(0, I), no projection (TRADES/MART)
   ball      linf: U[-eps, eps]^d; l2: eps * u * n/||n||, n ~ N(0, I), u ~ U(0, 1) (ReBAT's start)
   none      delta = 0
-Steps: linf  x <- Proj(x + step * sign(g));  l2  x <- Proj(x + step * g / max(||g||, 1e-12)).
+Steps: linf  x <- Proj(x + step * sign(g));  l2  x <- Proj(x + step * g / N(g)), N from the caller's
+:class:`L2Rule` (the published attacks guard the division differently, docs/faithfulness.md D18).
 Projection: clip to the eps-ball around x, then to the box [0, 1]; with ``box_first`` (advertorch's
 L2 PGD, used by PGD-AT and Consistency-AT) the box clip comes first and the L2 rescale second.
 Either order keeps the result inside both sets; they differ only where the box clip is active.
@@ -26,6 +27,7 @@ Either order keeps the result inside both sets; they differ only where the box c
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -76,15 +78,52 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, box_first: bool = False) -> torch.Tensor:
-    """Project ``x_adv`` onto {x' : ||x' - x|| <= eps} then onto the box [0, 1] (or box first, then ball)."""
+@dataclass(frozen=True)
+class L2Rule:
+    """How an L2 step normalises the gradient and how the eps-ball projection rescales (docs/faithfulness.md D18).
+
+    step:        g / max(||g||, floor)  when ``floor`` > 0, else  g / (||g|| + add)
+    projection:  ``renorm``: delta * eps / (||delta|| + 1e-7) where ||delta|| > eps (``Tensor.renorm``);
+                 otherwise delta * min(1, eps / ||delta||).
+    """
+
+    add: float = 0.0
+    floor: float = 0.0
+    renorm: bool = False
+
+    def __post_init__(self):
+        if not (self.add > 0) ^ (self.floor > 0):
+            raise ValueError(f"an L2 rule guards the step with exactly one of add, floor > 0 (got {self})")
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        n = _flat_norm(g)
+        return g / (n.clamp_min(self.floor) if self.floor > 0 else n + self.add)
+
+    def shrink(self, delta: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.renorm:
+            return delta.flatten(1).renorm(2, 0, eps).reshape_as(delta)
+        n = _flat_norm(delta)
+        return delta * torch.where(n > eps, eps / n, torch.ones_like(n))
+
+
+# The published attacks' constants: advertorch's PGD (PGD-AT, Consistency-AT, evaluation), TRADES' and
+# MART's own L2 branches, ReBAT's attack_pgd.
+ADVERTORCH_L2 = L2Rule(floor=1e-6)
+TRADES_L2 = L2Rule(add=1e-8, renorm=True)
+REBAT_L2 = L2Rule(add=1e-10, renorm=True)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, box_first: bool = False,
+            l2: L2Rule = ADVERTORCH_L2) -> torch.Tensor:
+    """Project ``x_adv`` onto {x' : ||x' - x|| <= eps} then onto the box [0, 1] (or box first, then ball);
+    the L2 rescale follows ``l2``."""
     if box_first:
         x_adv = x_adv.clamp(0.0, 1.0)
     delta = x_adv - x
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     elif norm == "l2":
-        delta = delta * torch.clamp(eps / _flat_norm(delta).clamp_min(1e-12), max=1.0)
+        delta = l2.shrink(delta, eps)
     else:
         raise ValueError(f"norm {norm!r} not in {NORMS}")
     return (x + delta).clamp(0.0, 1.0)
@@ -125,13 +164,15 @@ def pgd(
     bn: str = "eval",
     ref_logits: torch.Tensor | None = None,
     box_first: bool = False,
+    l2: L2Rule = ADVERTORCH_L2,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Maximise ``loss`` over the ``norm``-ball of radius ``eps`` around ``x`` with ``steps`` steps of size ``step``.
 
     ``bn`` is the module mode during the attack ('eval' for the four baselines, 'train' for ReBAT);
     the model's previous mode is restored. ``ref_logits`` feeds the KL loss (computed here in the
-    attack's BN mode when omitted). Returns a detached tensor.
+    attack's BN mode when omitted). ``l2`` holds the L2 step's and projection's constants (default:
+    advertorch's, the evaluation adversary's). Returns a detached tensor.
     """
     if norm not in NORMS:
         raise ValueError(f"norm {norm!r} not in {NORMS}")
@@ -154,8 +195,8 @@ def pgd(
                 if norm == "linf":
                     x_adv = x_adv + step * g.sign()
                 else:
-                    x_adv = x_adv + step * g / _flat_norm(g).clamp_min(1e-12)
-                x_adv = project(x_adv, x, eps, norm, box_first)
+                    x_adv = x_adv + step * l2.direction(g)
+                x_adv = project(x_adv, x, eps, norm, box_first, l2)
         if init == "normal" and steps == 0:
             x_adv = project(x_adv, x, eps, norm)
     return x_adv.detach()

@@ -70,8 +70,14 @@ class WeightAverage(AveragedModel):
         self.n_averaged.fill_(self.count)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if "n_averaged" not in state_dict:  # saved before the average was an AveragedModel: the module's state
-            state_dict = {"n_averaged": torch.tensor(1), **{f"module.{k}": v for k, v in state_dict.items()}}
-        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        out = super().load_state_dict(averaged_state(state_dict), strict=strict, assign=assign)
         self.count = int(self.n_averaged)
         return out
+
+
+def averaged_state(state: dict) -> dict:
+    """A saved average's state in the current layout: states saved before the average carried its step counter
+    hold the averaged module's weights alone (one model in the average, as ReBAT's constant decay needs no more)."""
+    if "n_averaged" in state:
+        return state
+    return {"n_averaged": torch.tensor(1), **{f"module.{k}": v for k, v in state.items()}}

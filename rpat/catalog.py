@@ -33,24 +33,28 @@ def build() -> dict:
     """Import the registries and list them (names, defaults, display names, measurements)."""
     from rpat import attacks, data, evaluate, models, objectives, schedules
 
+    zoo = models.robustbench.catalog_entries()
     metric = lambda m: {"key": m.key, "header": m.header, "description": m.description, "paper": m.paper}  # noqa: E731
     return {
         "datasets": sorted(data.DATASETS),
         "datasets_on_disk": sorted(n for n, d in data.DATASETS.items() if d.on_disk),
-        "models": sorted(models.MODELS),
+        "models": sorted(models.MODELS) + sorted(zoo),
+        "pretrained_models": zoo,  # robustbench:<entry> -> its "<dataset>/<threat model>" pairs (rpat/zoo.py)
         "norms": list(attacks.NORMS),
         "bn_modes": list(attacks.BN_MODES),
         "augmentations": sorted(data.AUGMENTATIONS),
         "subsets": list(data.SUBSETS),
         "schedules": list(schedules.SCHEDULES),
         "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat, "display": o.label(False),
-                              "rpat_display": o.label(True), "uses_teacher": o.uses_teacher,
-                              "supports_awp": o.supports_awp} for name, o in objectives.OBJECTIVES.items()},
+                              "rpat_display": o.label(True), "pretrained": o.provide is not None,
+                              "mixed_targets": o.mixed_targets, "choices": o.choices, "uses_teacher": o.uses_teacher,
+                              "supports_awp": o.supports_awp}
+                       for name, o in objectives.OBJECTIVES.items()},
         "measurements": [metric(m) for m in evaluate.MEASUREMENTS.values()],
         "derived": [metric(d) for d in evaluate.DERIVED.values()],
         "display": {
             "dataset": {n: d.display for n, d in data.DATASETS.items()},
-            "model": {n: m.display for n, m in models.MODELS.items()},
+            "model": {**{n: m.display for n, m in models.MODELS.items()}, **{n: n for n in zoo}},
             "norm": dict(attacks.NORM_DISPLAY),
         },
     }

@@ -39,3 +39,25 @@ def load(path: str | Path, map_location: Any = "cpu", hint: str = "") -> dict:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not an rpat checkpoint (format {FORMAT!r} expected); {fix}")
     return obj
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path: str | Path, hint: str = "") -> None:
+    """``module.load_state_dict(weights)``; weights that do not fit the module (another model, number of classes
+    or image size) raise CheckpointError naming the checkpoint file and the first parameter that differs."""
+    own = module.state_dict()
+    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    missing, unexpected = [k for k in own if k not in weights], [k for k in weights if k not in own]
+    if not (wrong or missing or unexpected):
+        module.load_state_dict(weights)
+        return
+    if wrong:
+        k = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        what = (f"parameter {k} has shape {list(weights[k].shape)} in the checkpoint, {list(own[k].shape)} in the "
+                f"model{more}")
+    else:
+        what = f"its parameter names differ from the model's (missing {missing[:3]}, unexpected {unexpected[:3]})"
+    fix = hint or ("it was written for another model, number of classes or image size: use this cell's checkpoint, "
+                   "or delete it and rerun the cell's training")
+    raise CheckpointError(f"checkpoint {path} does not fit the model it is loaded into: {what}; "
+                          f"{fix}")

@@ -1,4 +1,4 @@
-"""``rpat train | evaluate | report | prepare-data | sync-tracking | info | bench``: every pipeline job,
+"""``rpat train | evaluate | report | export | prepare-data | sync-tracking | info | bench``: every pipeline job,
 runnable by hand. The workflow's rules call these with explicit input and output paths; by hand the
 paths default to the cell's directory, ``<results_dir>/runs/<cell>``.
 
@@ -7,6 +7,7 @@ Examples::
     rpat train    --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat evaluate --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat report   --config config/config.yaml
+    rpat export   --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0 --out export/
     rpat info --json
 """
 
@@ -69,13 +70,30 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rpat.export import export_cell
+
+    cfg, cell = _load(args)
+    fields = {"title": args.title, "link": args.link, "authors": args.authors, "venue": args.venue,
+              "footnote": args.footnote, "reported": args.reported, "architecture": args.architecture}
+    out = export_cell(cfg.run_dir(cell), args.out, args.checkpoint, name=args.name,
+                      expected=(cell.id, cfg.settings(cell).train_fingerprint), additional_data=args.additional_data,
+                      number_forward_passes=args.forward_passes, **{k: v for k, v in fields.items() if v is not None})
+    print(json.dumps({"pt": out["pt"], "json": out["json"]}))
+    return 0
+
+
 def cmd_sync_tracking(args) -> int:
     from rpat import tracking
 
     cfg, _ = _load(args)
     added = tracking.reconcile(cfg, Path(cfg.results_dir) / "runs")
+    problems = added["problems"]
+    for problem in problems:  # reported, not fatal: the other cells were reconciled
+        print(f"rpat sync-tracking: skipped: {problem}", file=sys.stderr)
+    skipped = f"; skipped {len(problems)} cell(s) with a malformed result file" if problems else ""
     print(f"MLflow reconciled with the JSON results: added {added['runs']} runs, "
-          f"{added['metric_points']} metric points, {added['artifacts']} artifacts")
+          f"{added['metric_points']} metric points, {added['artifacts']} artifacts{skipped}")
     return 0
 
 
@@ -159,6 +177,21 @@ def _parser() -> argparse.ArgumentParser:
     d = job("prepare-data", cmd_prepare_data, "download / lay out / cache a dataset once", cell=False)
     d.add_argument("--dataset", required=True)
     d.add_argument("--out", help="write a summary JSON here (the workflow's marker)")
+    x = job("export", cmd_export, "a finished cell's checkpoint and model-info JSON for a RobustBench leaderboard "
+            "submission (docs/robustbench.md)", cell=False)
+    x.add_argument("--cell", required=True, help="dataset/model/norm/method[+rpat]/seedN")
+    x.add_argument("--checkpoint", choices=["best", "last"], default="best", help="one the cell's evaluation measured")
+    x.add_argument("--out", required=True, help="directory for <name>.pt and <name>.json")
+    x.add_argument("--name", help="file name without extension (default: from the cell id)")
+    x.add_argument("--title", help="the model info's name: the paper's title (default: the cell id)")
+    x.add_argument("--link", help="URL of the paper")
+    x.add_argument("--authors")
+    x.add_argument("--venue")
+    x.add_argument("--reported", type=float, help="robust accuracy (%%) the paper reports (default: the AA measured)")
+    x.add_argument("--footnote")
+    x.add_argument("--architecture", help="leaderboard architecture string (default: from the cell's model)")
+    x.add_argument("--additional-data", action="store_true", help="the model was trained with extra data")
+    x.add_argument("--forward-passes", type=int, default=1, help="number_forward_passes (default 1)")
     job("sync-tracking", cmd_sync_tracking, "add to MLflow whatever the JSON results hold and it lacks", cell=False)
     sub.add_parser("bench", help="speed and memory benchmarks (rpat bench --help)")
     i = sub.add_parser("info", help="registered datasets, models, objectives, measurements")

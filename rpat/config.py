@@ -49,12 +49,47 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no tags that build Python objects) that refuses a key given twice in one mapping,
+    which plain YAML lets the later one win silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(path: Path, err: yaml.YAMLError) -> ConfigError:
+    """One line naming the file, the line and the fix."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.constructor.ConstructorError):
+        if problem.startswith("duplicate key"):
+            return ConfigError(f"{where}: {problem} in one mapping (the later one would silently win); keep one")
+        tag = problem.split("tag ", 1)[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
+        return ConfigError(f"{where}: the YAML tag {tag} is not allowed: configs are plain YAML (mappings, lists, "
+                           "strings, numbers) and never build Python objects; remove the tag")
+    context = getattr(err, "context", None)
+    cmark = getattr(err, "context_mark", None)
+    opened = f" ({context} opened at line {cmark.line + 1})" if context and cmark is not None else ""
+    return ConfigError(f"{where}: YAML syntax error: {problem}{opened}; fix the indentation, brackets or quotes "
+                       "there")
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with path.open() as f:
-        data = yaml.safe_load(f)
+    try:
+        with path.open() as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise _yaml_problem(path, e) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level, not {type(data).__name__}")
     return data
@@ -87,11 +122,19 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def invalid(found: list[str]) -> ConfigError:
+    """One problem on one line; several as a list, one per line."""
+    found = list(dict.fromkeys(found))
+    if len(found) == 1:
+        return ConfigError(f"invalid config: {found[0]}")
+    return ConfigError("invalid config:\n  - " + "\n  - ".join(found))
+
+
 def validate(cfg: dict) -> None:
     """Raise ConfigError listing every schema violation (each names its key and the allowed values)."""
     found = problems(cfg)
     if found:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
+        raise invalid(found)
 
 
 def resources_for(resolved: dict) -> dict:
@@ -170,20 +213,25 @@ class Config:
     def settings(self, cell: Cell) -> S.CellSettings:
         """The cell's typed settings, resolved once per cell."""
         if cell not in self._settings:
+            from rpat.catalog import catalog
+
             resolved = self.resolve(cell)
-            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved))
+            pretrained = catalog()["objectives"].get(cell.method, {}).get("pretrained", False)
+            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved), pretrained)
         return self._settings[cell]
 
 
 def _check_semantics(cfg: Config) -> None:
+    from rpat import zoo
     from rpat.catalog import catalog
 
-    objectives = catalog()["objectives"]
+    cat = catalog()
+    objectives = cat["objectives"]
     problems_ = [f"grid[{i}].recipe: {r!r} is not defined; define it under `recipes:` (defined: "
                  f"{', '.join(cfg.recipes())})" for i, b in enumerate(cfg.blocks()) for r in b.get("recipe", [])
                  if r not in cfg.recipes()]
     if problems_:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems_))
+        raise invalid(problems_)
     for i, block in enumerate(cfg.blocks()):
         for method in block["method"]:
             if True in block["rpat"] and not objectives[method]["supports_rpat"]:
@@ -199,12 +247,18 @@ def _check_semantics(cfg: Config) -> None:
             problems_.append(f"cell {cell.id}: no threat.{cell.norm} settings")
             continue
         s = cfg.settings(cell)
+        problems_ += zoo.cell_problems(cell, s.method, cat)
         if s.rpat is not None and s.rpat.start_epoch > s.train.epochs:
             problems_.append(f"cell {cell.id}: rpat.start_epoch={s.rpat.start_epoch} is after the last epoch "
                              f"({s.train.epochs})")
+        if s.data.cutmix.enabled and not objectives[cell.method]["mixed_targets"]:
+            mixing = ", ".join(n for n, o in objectives.items() if o["mixed_targets"])
+            problems_.append(f"cell {cell.id}: data.cutmix.enabled is on, but method {cell.method!r} needs integer "
+                             f"labels (CutMix mixes them); CutMix works with: {mixing}; set data.cutmix.enabled: "
+                             "false in this block's `set`")
         problems_ += recipe_problems(s, objectives)
     if problems_:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(problems_)))
+        raise invalid(problems_)
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> Config:

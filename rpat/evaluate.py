@@ -181,7 +181,7 @@ def examples_record(settings: CellSettings, index: torch.Tensor) -> dict:
 def load_model(path: str | Path, device) -> tuple[torch.nn.Module, dict]:
     ckpt = checkpoint.load(path, map_location=device)
     model = models.build_from_meta(ckpt)
-    model.load_state_dict(ckpt["model"])
+    checkpoint.load_weights(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
 
 
@@ -209,7 +209,16 @@ def _read_record(path: Path) -> dict:
 
 def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Path, *, tracking: dict,
              checkpoint_path: str | Path | None = None, threads: int | None = None) -> dict:
-    """Evaluate one cell's checkpoint (default: the one ``eval.checkpoint`` names in train.json); write ``out_path``."""
+    """Evaluate one cell's checkpoint (default: the one ``eval.checkpoint`` names in train.json); write ``out_path``.
+    The cell's MLflow run, which training ended, is re-opened and ends FINISHED, KILLED or FAILED with this job."""
+    record = _read_record(Path(record_path))
+    with CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=record.get("mlflow_run_id"),
+                 enabled=tracking["enabled"]) as run:
+        return _evaluate(settings, record_path, out_path, run, checkpoint_path=checkpoint_path, threads=threads)
+
+
+def _evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Path, run: CellRun, *,
+              checkpoint_path: str | Path | None = None, threads: int | None = None) -> dict:
     record_path, out_path = Path(record_path), Path(out_path)
     cell, e = settings.cell, settings.eval
     record = _read_record(record_path)
@@ -242,12 +251,8 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
     result["mlflow_metrics"] = tracked_metrics(result)
     result.update({"wall_s": time.time() - t0, "device": str(device), "eval_fingerprint": settings.eval_fingerprint})
     files.write_json(out_path, result)
-
-    run = CellRun(tracking["uri"], settings.experiment, cell.tags(), run_id=record.get("mlflow_run_id"),
-                  enabled=tracking["enabled"])
     run.log_metrics(result["mlflow_metrics"])
     run.log_artifact(out_path)
-    run.finish()
     return result
 
 

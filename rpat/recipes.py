@@ -40,9 +40,10 @@ def average_rule(wa: WeightAverageSettings) -> str:
     return "ramp" if wa.kind == "ema" and wa.ramp else "constant"
 
 
-def epoch_plan(objective: Objective, s: CellSettings, epoch: int) -> EpochPlan:
-    """The objective's plan for ``epoch`` with the recipes applied: ε ramp-up, weight-average decay."""
-    plan = objective.epoch_plan(s.method, s.threat, epoch)
+def epoch_plan(objective: Objective, s: CellSettings, epoch: int, resumed: bool = False) -> EpochPlan:
+    """The objective's plan for ``epoch`` (``resumed``: the first epoch of a resumed job) with the recipes
+    applied: ε ramp-up, weight-average decay."""
+    plan = objective.epoch_plan(s.method, s.threat, epoch, resumed=resumed)
     changes = {}
     scale = eps_scale(epoch, s.train.eps_warmup_epochs)
     if scale < 1.0:
@@ -56,6 +57,8 @@ def recipe_problems(s: CellSettings, objectives: dict) -> list[str]:
     """Why the cell's recipes cannot run (``objectives``: the catalog's entries by name); empty if they can."""
     t, name, out = s.train, s.cell.method, []
     entry = objectives[name]
+    if entry.get("pretrained"):  # a zoo model: not trained here
+        return out
     if t.weight_average.kind != "none" and entry["uses_teacher"]:
         out.append(f"cell {s.cell.id}: {name} keeps its own weight average as its teacher (methods.{name}.decay "
                    f"and warmup_epoch); set train.weight_average.kind: none for it")

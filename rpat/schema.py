@@ -16,8 +16,13 @@ import yaml
 SECTIONS = ("data", "threat", "train", "methods", "rpat", "eval", "resources")
 
 
-def _schema_of(value: Any, key: str, bn_modes: list[str]) -> dict:
-    """A schema accepting values shaped like ``value`` (a method's default hyperparameter)."""
+def _schema_of(value: Any, key: str, bn_modes: list[str], choices: dict | None = None) -> dict:
+    """A schema accepting values shaped like ``value`` (a method's default hyperparameter); ``choices``: the
+    objective's allowed values of its string hyperparameters."""
+    if choices and key in choices:
+        return _enum(choices[key])
+    if value is None:  # an optional setting (None: derived from the cell)
+        return {"type": ["string", "null"]}
     if key.endswith("_bn"):
         return {"type": "string", "enum": bn_modes}
     if isinstance(value, bool):
@@ -26,7 +31,7 @@ def _schema_of(value: Any, key: str, bn_modes: list[str]) -> dict:
         return {"type": "number", "minimum": 0}
     if isinstance(value, dict):
         return {"type": "object", "additionalProperties": False,
-                "properties": {k: _schema_of(v, k, bn_modes) for k, v in value.items()}}
+                "properties": {k: _schema_of(v, k, bn_modes, choices) for k, v in value.items()}}
     return {"type": "string"}
 
 
@@ -53,7 +58,8 @@ def schema() -> dict:
     sections["train"]["properties"]["schedule"]["properties"]["name"] = _enum(cat["schedules"])
     sections["threat"]["properties"] = {norm: {"$ref": "#/$defs/threat"} for norm in cat["norms"]}
     sections["methods"]["properties"] = {
-        name: _schema_of(o["defaults"], name, cat["bn_modes"]) for name, o in cat["objectives"].items() if o["defaults"]}
+        name: _schema_of(o["defaults"], name, cat["bn_modes"], o["choices"])
+        for name, o in cat["objectives"].items() if o["defaults"]}
     return s
 
 
@@ -77,7 +83,7 @@ def _describe(error) -> str:
     return f"{key}: {error.message}"
 
 
-def _non_finite(obj: Any, parts: tuple = ()) -> Iterator[str]:
+def _non_finite(obj: Any, parts: tuple = ()) -> Iterator[tuple[str, float]]:
     """Keys holding NaN or ±Inf (JSON schema's bounds let NaN through: every comparison with it is false)."""
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -86,13 +92,18 @@ def _non_finite(obj: Any, parts: tuple = ()) -> Iterator[str]:
         for i, v in enumerate(obj):
             yield from _non_finite(v, parts + (i,))
     elif isinstance(obj, float) and not math.isfinite(obj):
-        yield f"{_path(parts)}: {obj!r} is not a finite number; give a number such as 0.1 or 8/255"
+        yield _path(parts), obj
 
 
 def problems(cfg: dict) -> list[str]:
-    """Every schema violation, each naming its key and the allowed values."""
+    """Every schema violation, each naming its key and the allowed values; a non-finite number is reported as
+    that alone (not also as out of bounds)."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
-    return list(dict.fromkeys([*_non_finite(cfg), *(_describe(e) for e in errors)]))
+    non_finite = dict(_non_finite(cfg))
+    found = [f"{key}: {value!r} is not a finite number; give a number such as 0.1 or 8/255"
+             for key, value in non_finite.items()]
+    found += [_describe(e) for e in errors if _path(e.absolute_path) not in non_finite]
+    return list(dict.fromkeys(found))

@@ -38,6 +38,16 @@ THREAT_DEFAULTS = {
 
 
 @dataclass(frozen=True)
+class CutMixSettings:
+    """CutMix (Yun et al.) on training batches: lambda ~ Beta(alpha, beta) per batch (docs/faithfulness.md
+    "Data and augmentation")."""
+
+    enabled: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataSettings:
     root: str = "data"
     paths: dict = field(default_factory=dict)
@@ -47,6 +57,7 @@ class DataSettings:
     train_subset: int | None = None
     subset: str = "stratified"  # how train_subset is drawn (rpat/data/subsets.py)
     augment: str = "crop_flip"
+    cutmix: CutMixSettings = field(default_factory=CutMixSettings)
     batch_size: int = 128
     eval_batch_size: int = 500
     # Extra (e.g. diffusion-generated) training images: an .npz with 'image' uint8 [N, H, W, C] and 'label' [N];
@@ -197,9 +208,10 @@ class CellSettings:
     eval: EvalSettings
     resources: Mapping[str, Any]
     resolved: dict  # the same, as the plain dict that train.json and MLflow's params record
+    pretrained: bool = False  # the method loads its weights (rpat/objectives/pretrained.py): `train` does not apply
 
     @classmethod
-    def from_resolved(cls, cell: Cell, resolved: dict, resources: Mapping) -> "CellSettings":
+    def from_resolved(cls, cell: Cell, resolved: dict, resources: Mapping, pretrained: bool = False) -> "CellSettings":
         return cls(
             cell=cell,
             experiment=resolved["experiment"],
@@ -211,14 +223,19 @@ class CellSettings:
             eval=build(EvalSettings, resolved["eval"]),
             resources=MappingProxyType(dict(resources)),
             resolved=resolved,
+            pretrained=pretrained,
         )
 
     def training_part(self) -> dict:
-        """What determines a cell's training (not its evaluation, resources or speed-only keys)."""
+        """What determines a cell's training (not its evaluation, resources or speed-only keys); for a pretrained
+        cell, what determines its weights and the evaluation's data and threat, but not the training recipe, so
+        changing it for the grid's other cells does not re-evaluate zoo models."""
         r = self.resolved
         data, train, cell = _recipes_off(r["data"], r["train"], r["cell"])
-        keys = {"cell": cell, "data": data, "threat": r["threat"][self.cell.norm], "train": train,
+        keys = {"cell": cell, "data": data, "threat": r["threat"][self.cell.norm],
                 "method": r["methods"].get(self.cell.method, {})}
+        if not self.pretrained:
+            keys["train"] = train
         if self.cell.rpat:
             keys["rpat"] = r["rpat"]
         return keys

@@ -5,12 +5,19 @@ is guarded: a tracking failure is reported on stderr and never stops a training 
 
 Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``; the config's
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` override it. One experiment per config; one run per grid
-cell, tagged with the cell's coordinates; ``train`` creates it, ``evaluate`` adds to it.
+cell, tagged with the cell's coordinates; ``train`` creates it, ``evaluate`` adds to it, and each job ends
+it FINISHED, KILLED or FAILED. Jobs may start at once without the workflow's ``onstart``: a SQLite store
+is created under a file lock, an experiment another job created first is looked up again, and SQLite's
+"database is locked" is retried.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -39,23 +46,96 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def init_store(uri: str, experiment: str) -> str | None:
-    """Create the store's schema and the experiment once, before jobs fan out (concurrent creation of a
-    fresh SQLite store corrupts it). Returns the experiment id, or None if tracking is unavailable."""
-    try:
-        import mlflow
-        from mlflow.tracking import MlflowClient
+TRANSIENT = (
+    "database is locked",  # SQLite: another writer held the lock past the busy timeout
+    "database is busy",
+    "QueuePool limit",  # a tracking server out of database connections (it answers BAD_REQUEST)
+)
 
-        _quiet_mlflow()
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is not None:
-            return exp.experiment_id
-        artifact_location = None
-        if uri.startswith("sqlite:///"):
-            db = Path(uri[len("sqlite:///"):])
-            artifact_location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+
+def _transient(err: BaseException) -> bool:
+    """An error that goes away when the store is less busy: worth retrying."""
+    return any(s in str(err) for s in TRANSIENT)
+
+
+def _already_exists(err: BaseException) -> bool:
+    """Another job created the same thing first (a server's RESOURCE_ALREADY_EXISTS, SQLite's UNIQUE)."""
+    text = f"{getattr(err, 'error_code', '')} {err}"
+    return any(s in text for s in ("RESOURCE_ALREADY_EXISTS", "UNIQUE constraint failed", "IntegrityError"))
+
+
+def retry(fn, *args, attempts: int = 8, **kwargs):
+    """``fn(*args, **kwargs)``, retried with exponential backoff (0.1 s doubling, jittered; up to about 25 s in
+    all) while the store is busy (:data:`TRANSIENT`); any other error, or the last attempt's, is raised."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - only transient errors are retried
+            if attempt == attempts - 1 or not _transient(e):
+                raise
+            time.sleep(0.1 * 2 ** attempt * (1 + random.random()))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Hold an exclusive lock on ``<db>.lock`` beside a SQLite store (nothing for a server): MLflow creates a
+    fresh store's schema in several statements, and two processes doing it at once corrupt it."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _experiment_id(client, uri: str, experiment: str) -> str:
+    """The experiment's id, created if needed; when another job creates it first, it is looked up again."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    db = sqlite_path(uri)
+    artifact_location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri() if db is not None else None
+    try:
         return client.create_experiment(experiment, artifact_location=artifact_location)
+    except Exception as e:  # noqa: BLE001
+        if not _already_exists(e):
+            raise
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RuntimeError(f"experiment {experiment!r} was reported to exist but cannot be found")
+    return exp.experiment_id
+
+
+def open_store(uri: str, experiment: str):
+    """An MlflowClient on ``uri`` and the experiment's id, the store's schema and the experiment created if
+    needed. A SQLite store is opened under :func:`store_lock`, so jobs started at once by hand (no workflow
+    ``onstart``) can all be the first."""
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()
+    if sqlite_path(uri) is not None:
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - seconds of imports, done before the lock
+    with store_lock(uri):
+        client = retry(MlflowClient, tracking_uri=uri)  # creates or migrates a SQLite store's schema
+        return client, retry(_experiment_id, client, uri, experiment)
+
+
+def init_store(uri: str, experiment: str) -> str | None:
+    """Create the store's schema and the experiment (the workflow does it once, before jobs fan out).
+    Returns the experiment id, or None if tracking is unavailable."""
+    try:
+        return open_store(uri, experiment)[1]
     except Exception as e:  # noqa: BLE001 - tracking must never stop the pipeline
         _warn("store initialisation", e)
         return None
@@ -79,8 +159,26 @@ def flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield key, v
 
 
+def end_status(err: BaseException | None) -> str:
+    """How a job's run ends: FINISHED on success, KILLED when stopped (a signal's Preempted, Ctrl-C),
+    FAILED on any other error."""
+    from rpat.preemption import Preempted
+
+    if err is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(err, (Preempted, KeyboardInterrupt)) else "FAILED"
+
+
+def _same(a: float | None, b: float) -> bool:
+    return a is not None and (a == b or (math.isnan(a) and math.isnan(b)))
+
+
 class CellRun:
-    """The MLflow run of one grid cell. All methods are no-ops after the first failure."""
+    """The MLflow run of one grid cell. All methods are no-ops after the first failure.
+
+    Used as a context manager by each job: entering marks the run RUNNING (evaluation re-opens the run
+    training ended), leaving ends it with :func:`end_status` of the job's outcome.
+    """
 
     def __init__(self, uri: str | None, experiment: str, tags: dict[str, str], run_id: str | None = None,
                  enabled: bool = True, new: bool = False):
@@ -93,44 +191,51 @@ class CellRun:
         if not enabled:
             return
         try:
-            from mlflow.tracking import MlflowClient
-
-            _quiet_mlflow()
             self.uri = tracking_uri(uri)
-            self.client = MlflowClient(tracking_uri=self.uri)
-            exp_id = init_store(self.uri, experiment)
-            if exp_id is None:
-                raise RuntimeError(f"no experiment {experiment!r}")
-            if run_id is not None:
-                try:
-                    self.client.get_run(run_id)
-                    self.run_id = run_id
-                except Exception:  # noqa: BLE001 - unknown in this store: find or create below
-                    pass
-            if self.run_id is None:
-                previous = self.client.search_runs([exp_id], filter_string=f"tags.cell = '{tags['cell']}'",
-                                                   order_by=["attributes.start_time DESC"])
-                if previous and not new:
-                    self.run_id = previous[0].info.run_id
-                else:
-                    for run in previous:
-                        self.client.set_tag(run.info.run_id, "superseded", "true")
-                    all_tags = {**tags, "mlflow.runName": tags["cell"]}
-                    commit = git_commit()
-                    if commit:
-                        all_tags["git_commit"] = commit
-                    self.run_id = self.client.create_run(exp_id, tags=all_tags).info.run_id
+            self.client, exp_id = open_store(self.uri, experiment)
+            if run_id is not None and self._exists(run_id):
+                self.run_id = run_id
+            else:
+                self.run_id = retry(self._find_or_create, exp_id, tags, new)
         except Exception as e:  # noqa: BLE001
             _warn("run creation", e)
             self.client = None
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            retry(self.client.get_run, run_id)
+            return True
+        except Exception:  # noqa: BLE001 - unknown in this store: find or create
+            return False
+
+    def _find_or_create(self, exp_id: str, tags: dict[str, str], new: bool) -> str:
+        previous = self.client.search_runs([exp_id], filter_string=f"tags.cell = '{tags['cell']}'",
+                                           order_by=["attributes.start_time DESC"])
+        if previous and not new:
+            return previous[0].info.run_id
+        for run in previous:
+            self.client.set_tag(run.info.run_id, "superseded", "true")
+        all_tags = {**tags, "mlflow.runName": tags["cell"]}
+        commit = git_commit()
+        if commit:
+            all_tags["git_commit"] = commit
+        return self.client.create_run(exp_id, tags=all_tags).info.run_id
 
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
         if self.client is None or self.run_id is None:
             return
         try:
-            fn(*args, **kwargs)
+            retry(fn, *args, **kwargs)
         except Exception as e:  # noqa: BLE001
             _warn(what, e)
+
+    def __enter__(self) -> "CellRun":
+        self._guard("run start", lambda: self.client.update_run(self.run_id, status="RUNNING"))
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        self.finish(end_status(err))
+        return False
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -146,16 +251,30 @@ class CellRun:
         self._guard("param logging", log)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Metrics at ``step`` (an epoch); without a step, the run's summary metrics (best epoch, test
+        accuracies), logged at step 0 only where the run lacks them or holds another value, so re-running
+        a job does not duplicate them."""
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
-        self._guard("metric logging", lambda: self.client.log_batch(self.run_id, metrics=items))
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+
+        def log():
+            if step is None:
+                latest = self.client.get_run(self.run_id).data.metrics
+                fresh = {k: v for k, v in values.items() if not _same(latest.get(k), v)}
+            else:
+                fresh = values
+            ts = int(time.time() * 1000)
+            if fresh:
+                self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step or 0) for k, v in fresh.items()])
+
+        self._guard("metric logging", log)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._guard("tagging", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._guard("tagging", lambda: self.client.log_batch(self.run_id, tags=items))
 
     def log_artifact(self, path: str | Path) -> None:
         self._guard("artifact upload", lambda: self.client.log_artifact(self.run_id, str(path)))
@@ -164,57 +283,78 @@ class CellRun:
         self._guard("run end", lambda: self.client.set_terminated(self.run_id, status))
 
 
+TRAIN_KEYS = ("cell", "fingerprint", "history", "settings")
+EVAL_KEYS = ("cell", "mlflow_metrics")
+
+
+def _missing_points(client, run_id: str, record: dict, results: dict | None) -> list:
+    """The metric points the JSON files hold and the run lacks: per-epoch metrics absent at their step, and
+    summary metrics (step 0) whose latest value differs."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    epochs = [(k, float(v), h["epoch"]) for h in record["history"] for k, v in h.items()
+              if k != "epoch" and v is not None]
+    have = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in {k for k, _, _ in epochs}}
+    missing = [Metric(k, v, ts, step) for k, v, step in epochs if step not in have[k]]
+    summary = {**record.get("mlflow_metrics", {}), **(results or {}).get("mlflow_metrics", {})}
+    latest = client.get_run(run_id).data.metrics
+    missing += [Metric(k, float(v), ts, 0) for k, v in summary.items()
+                if v is not None and not _same(latest.get(k), float(v))]
+    return missing
+
+
+def _reconcile_cell(cfg, cell, cell_dir: Path, added: dict) -> None:
+    """One cell's run made to hold its JSON results (see :func:`reconcile`); malformed files raise
+    :class:`rpat.files.ResultFileError` before MLflow is touched."""
+    from rpat.files import ResultFileError, read_record
+
+    train_path, eval_path = cell_dir / "train.json", cell_dir / "eval.json"
+    record = read_record(train_path, TRAIN_KEYS)
+    results = read_record(eval_path, EVAL_KEYS) if eval_path.is_file() else None
+    for path, rec in ((train_path, record), (eval_path, results)):
+        if rec is not None and rec["cell"] != cell.id:
+            raise ResultFileError(f"{path} holds the results of cell {rec['cell']!r}, not {cell.id}; it was copied "
+                                  "or moved: delete it and rerun the cell's jobs")
+    run = CellRun(cfg.tracking["uri"], cfg.experiment, cell.tags(), run_id=record.get("mlflow_run_id"))
+    if run.client is None or run.run_id is None:
+        return
+    client, run_id = run.client, run.run_id
+    if not retry(client.get_run, run_id).data.params:
+        added["runs"] += 1
+    run.log_params(record["settings"])
+    run.set_tags({"train_fingerprint": record["fingerprint"]})
+    missing = retry(_missing_points, client, run_id, record, results)
+    for i in range(0, len(missing), 500):
+        retry(client.log_batch, run_id, metrics=missing[i:i + 500])
+    added["metric_points"] += len(missing)
+    listed = {a.path for a in client.list_artifacts(run_id)}
+    for path in (train_path, eval_path):
+        if path.is_file() and path.name not in listed:
+            retry(client.log_artifact, run_id, str(path))
+            added["artifacts"] += 1
+    if results:
+        retry(client.set_terminated, run_id, "FINISHED")
+
+
 def reconcile(cfg, runs_dir: str | Path) -> dict:
     """Make MLflow hold every cell's JSON results (idempotent): the run, its params and tags, every
-    epoch's metrics, the test metrics and the JSON artifacts, whatever live logging managed to write.
-    Returns counts of what was added."""
-    from rpat.files import read_json
+    epoch's metrics, the summary and test metrics and the JSON artifacts, whatever live logging managed
+    to write. A malformed result file is reported (in ``problems``) and the other cells are reconciled.
+    Returns counts of what was added, and the problems."""
+    from rpat.files import ResultFileError
 
-    added = {"runs": 0, "metric_points": 0, "artifacts": 0}
+    added: dict = {"runs": 0, "metric_points": 0, "artifacts": 0, "problems": []}
     if not cfg.tracking["enabled"]:
-        return added
-    try:
-        from mlflow.entities import Metric
-    except Exception as e:  # noqa: BLE001
-        _warn("reconciliation", e)
         return added
     for cell in cfg.cells():
         cell_dir = Path(runs_dir) / cell.id
-        train_path, eval_path = cell_dir / "train.json", cell_dir / "eval.json"
-        if not train_path.is_file():
-            continue
-        record = read_json(train_path)
-        run = CellRun(cfg.tracking["uri"], cfg.experiment, cell.tags(), run_id=record.get("mlflow_run_id"),
-                      enabled=True)
-        if run.client is None or run.run_id is None:
+        if not (cell_dir / "train.json").is_file():
             continue
         try:
-            existing = run.client.get_run(run.run_id)
-            if not existing.data.params:
-                added["runs"] += 1
-            run.log_params(record["settings"])
-            run.set_tags({"train_fingerprint": record["fingerprint"]})
-            points = [(k, v, h["epoch"]) for h in record["history"] for k, v in h.items() if k != "epoch"]
-            points += [(k, v, 0) for k, v in record.get("mlflow_metrics", {}).items()]
-            results = read_json(eval_path) if eval_path.is_file() else None
-            if results:
-                points += [(k, v, 0) for k, v in results.get("mlflow_metrics", {}).items()]
-            have = {}
-            for key in {k for k, _, _ in points}:
-                have[key] = {m.step for m in run.client.get_metric_history(run.run_id, key)}
-            ts = int(time.time() * 1000)
-            missing = [Metric(k, float(v), ts, step) for k, v, step in points
-                       if v is not None and step not in have[k]]
-            for i in range(0, len(missing), 500):
-                run.client.log_batch(run.run_id, metrics=missing[i:i + 500])
-            added["metric_points"] += len(missing)
-            listed = {a.path for a in run.client.list_artifacts(run.run_id)}
-            for path in (train_path, eval_path):
-                if path.is_file() and path.name not in listed:
-                    run.client.log_artifact(run.run_id, str(path))
-                    added["artifacts"] += 1
-            if results:
-                run.client.set_terminated(run.run_id, "FINISHED")
-        except Exception as e:  # noqa: BLE001
+            _reconcile_cell(cfg, cell, cell_dir, added)
+        except ResultFileError as e:
+            added["problems"].append(str(e))
+        except Exception as e:  # noqa: BLE001 - tracking must never stop the pipeline
             _warn(f"reconciliation of {cell.id}", e)
     return added

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from rpat import accuracy, checkpoint, data, files, models, objectives, recipes, runtime, schedules
-from rpat.averaging import WeightAverage
+from rpat.averaging import WeightAverage, averaged_state
 from rpat.awp import WeightPerturbation
 from rpat.cells import Cell
 from rpat.errors import UserError
@@ -134,8 +134,8 @@ def setup(settings: CellSettings, threads: int | None = None) -> Trainer:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    # The weight average (the teacher of objectives whose loss uses it, else train.weight_average) stays in
-    # eval mode (docs/faithfulness.md D19).
+    # The weight average (the teacher of objectives whose loss uses it, else train.weight_average); each epoch's
+    # plan sets its BatchNorm mode (eval unless a method asks otherwise, docs/faithfulness.md D19).
     wa = t.weight_average
     average = WeightAverage(model, recipes.average_rule(wa)).to(device).eval() \
         if objective.uses_teacher or wa.kind != "none" else None
@@ -187,9 +187,10 @@ class TrainingState:
         if state.get("fingerprint") != fingerprint:
             print(f"[rpat] {label}: settings changed since {path} was written; training from scratch", file=sys.stderr)
             return fresh
-        tr.model.load_state_dict(state["model"])
+        fix = f"the data or model changed since it was written: delete {path.parent} to restart this cell from scratch"
+        checkpoint.load_weights(tr.model, state["model"], path, fix)
         if tr.average is not None:
-            tr.average.load_state_dict(state["average"])
+            checkpoint.load_weights(tr.average, averaged_state(state["average"]), path, fix)
         tr.opt.load_state_dict(state["optimizer"])
         tr.shuffle.set_state(state["shuffle_rng"])
         runtime.set_rng_state(state["rng"])
@@ -200,15 +201,18 @@ class TrainingState:
         return out
 
 
-def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals) -> dict:
+def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, resumed: bool = False) -> dict:
     """Train one epoch (or its rest, after a signal); returns the epoch's record of learning rate and mean loss
-    parts. A signal saves the position within the epoch and raises :class:`Preempted`."""
+    parts. A signal saves the position within the epoch and raises :class:`Preempted`. ``resumed``: this is
+    the first epoch a resumed job trains (the objective's plan may depend on it)."""
     s = tr.settings
     t_epoch = time.time()
     tr.model.train()
     rpat = s.rpat if (s.rpat is not None and epoch >= s.rpat.start_epoch) else None
-    plan = recipes.epoch_plan(tr.objective, s, epoch)
+    plan = recipes.epoch_plan(tr.objective, s, epoch, resumed=resumed)
     awp = tr.awp if tr.awp is not None and tr.awp.active(epoch) else None
+    if tr.average is not None:
+        tr.average.train(plan.average_bn == "train")
     n_batches = len(tr.batches)
     if state.partial is not None:  # resume inside this epoch
         p, state.partial = state.partial, None
@@ -266,20 +270,29 @@ def finish(tr: Trainer, state: TrainingState, out_dir: Path, run: CellRun) -> di
                      **tr.meta()}, out_dir / "checkpoint-last.pt")
     best = state.path.parent / "best.pt"
     files.atomic_write(out_dir / "checkpoint-best.pt", lambda tmp: shutil.copyfile(best, tmp))
+    selection = {"rule": t.select, "split": "test" if t.select == "test" else "val",
+                 "metric": f"val_{tr.objective.select_on}", "best_epoch": state.best["epoch"],
+                 "best_value": state.best["metric"]}
+    wall_s = state.wall_s
+    return write_record(s, out_dir, run, fingerprint=state.fingerprint, selection=selection, history=state.history,
+                        wall_s=wall_s, device=tr.device,
+                        metrics={"best_epoch": state.best["epoch"], "best_val_metric": state.best["metric"],
+                                 "train_wall_s": wall_s})
+
+
+def write_record(settings: CellSettings, out_dir: Path, run: CellRun, *, fingerprint: str, selection: dict,
+                 history: list, wall_s: float, device, metrics: dict) -> dict:
+    """Write the cell's train.json (last: its presence means the cell is trained) and log it to its MLflow run."""
+    s = settings
     result = {
         "cell": s.cell.id, **s.cell.tags(), "rpat": s.cell.rpat, "seed": s.cell.seed, "experiment": s.experiment,
-        "fingerprint": state.fingerprint,
-        "selection": {"rule": t.select, "split": "test" if t.select == "test" else "val",
-                      "metric": f"val_{tr.objective.select_on}", "best_epoch": state.best["epoch"],
-                      "best_value": state.best["metric"]},
+        "fingerprint": fingerprint, "selection": selection,
         "checkpoints": {"best": "checkpoint-best.pt", "last": "checkpoint-last.pt"},
-        "history": state.history, "wall_s": state.wall_s, "device": str(tr.device), "torch": torch.__version__,
-        "mlflow_run_id": run.run_id, "settings": s.resolved,
+        "history": history, "wall_s": wall_s, "device": str(device), "torch": torch.__version__,
+        "mlflow_run_id": run.run_id, "settings": s.resolved, "mlflow_metrics": metrics,
     }
-    result["mlflow_metrics"] = {"best_epoch": state.best["epoch"], "best_val_metric": state.best["metric"],
-                                "train_wall_s": result["wall_s"]}
     files.write_json(out_dir / "train.json", result)
-    run.log_metrics(result["mlflow_metrics"])
+    run.log_metrics(metrics)
     run.log_artifact(out_dir / "train.json")
     return result
 
@@ -304,6 +317,9 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
         print(f"[rpat] {settings.cell.id}: already trained with these settings ({out_dir / 'train.json'}); "
               "nothing to do", file=sys.stderr)
         return done
+    objective = objectives.OBJECTIVES[settings.cell.method]
+    if objective.provide is not None:  # weights from elsewhere (a pretrained model): nothing to train
+        return objective.provide(settings, out_dir, tracking)
     tr = setup(settings, threads)
     state = TrainingState.restore(out_dir / "state" / "last.pt", tr, fp)
     run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=state.run_id,
@@ -312,10 +328,11 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
     if state.epoch == 0 and state.partial is None:
         run.log_params(settings.resolved)
         run.set_tags({"train_fingerprint": fp})
-    epochs = settings.train.epochs
-    with StopSignals() as stop:
-        for epoch in range(state.epoch + 1, epochs + 1):
-            record = validate_and_select(tr, state, run_epoch(tr, state, epoch, stop))
+    epochs, first = settings.train.epochs, state.epoch + 1
+    resumed = state.epoch > 0 or state.partial is not None
+    with run, StopSignals() as stop:  # the run ends FINISHED, KILLED (a signal, Ctrl-C) or FAILED
+        for epoch in range(first, epochs + 1):
+            record = validate_and_select(tr, state, run_epoch(tr, state, epoch, stop, resumed and epoch == first))
             state.history.append(record)
             state.epoch = epoch
             state.save(tr)
@@ -326,7 +343,7 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
             if stop.received is not None and epoch < epochs:
                 raise Preempted(f"{settings.cell.id}: signal {stop.name} after epoch {epoch}; state saved in "
                                 f"{state.path}; rerun to resume")
-    return finish(tr, state, out_dir, run)
+        return finish(tr, state, out_dir, run)
 
 
 def train_cell(cfg: Config, cell: Cell, out_dir: str | Path, *, threads: int | None = None) -> dict:

@@ -378,3 +378,121 @@ def test_uniform_start_geometry(norm):
         assert d.tolist() == pytest.approx([eps] * 64, rel=1e-5)  # ||u - x|| >> eps for 48-dim images
     else:
         assert float(d.min()) > 0.8 * eps
+
+
+# ---------------------------------------------------------------------------------------------
+# L2 constants of the published attacks (docs/faithfulness.md D18), by hand on a linear float64 model
+
+from rpat.attacks import ADVERTORCH_L2, REBAT_L2, TRADES_L2, L2Rule  # noqa: E402
+
+OLD_L2 = L2Rule(floor=1e-12)  # rpat's rule before D18: max(||g||, 1e-12), exact projection
+
+
+def _linear(Wl):
+    lin = nn.Linear(len(Wl[0]), len(Wl), bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(Wl, dtype=torch.float64))
+    return nn.Sequential(nn.Flatten(), lin)
+
+
+def _softmax(z):
+    e = [math.exp(v - max(z)) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _matvec_t(Wl, r):
+    """W^T r."""
+    return [sum(Wl[c][j] * r[c] for c in range(len(Wl))) for j in range(len(Wl[0]))]
+
+
+def _published_l2_step(x, xa, g, step, eps, rule):
+    """x' + step g / N(g), then the eps-ball rescale of the rule, then the box (pure Python)."""
+    ng = math.sqrt(sum(v * v for v in g))
+    denom = max(ng, rule.floor) if rule.floor > 0 else ng + rule.add
+    xa = [a + step * v / denom for a, v in zip(xa, g)]
+    d = [a - b for a, b in zip(xa, x)]
+    nd = math.sqrt(sum(v * v for v in d))
+    scale = (eps / (nd + 1e-7) if rule.renorm else eps / nd) if nd > eps else 1.0
+    return [min(max(b + scale * v, 0.0), 1.0) for b, v in zip(x, d)]
+
+
+# a 3-class linear map with tiny weights: the CE gradient's norm is ~1e-7, where the guards matter
+TINY_W = [[1e-7, -2e-7, 0.5e-7, 1e-7], [-1e-7, 1e-7, 2e-7, 0.0], [0.5e-7, 0.0, -1e-7, 3e-7]]
+X4 = [0.2, 0.4, 0.6, 0.8]
+
+
+@pytest.mark.parametrize("eps", [1.0, 0.005], ids=["inside", "projected"])
+@pytest.mark.parametrize("rule", [ADVERTORCH_L2, TRADES_L2, REBAT_L2, OLD_L2],
+                         ids=["advertorch", "trades", "rebat", "old"])
+def test_l2_step_and_projection_by_hand(rule, eps):
+    # CE at x (init none, y = 1): g = W^T (softmax(W x) - e_1); ||g|| ~ 2e-7
+    model = _linear(TINY_W)
+    z = [sum(w * v for w, v in zip(row, X4)) for row in TINY_W]
+    p = _softmax(z)
+    g = _matvec_t(TINY_W, [p[0], p[1] - 1.0, p[2]])
+    ng = math.sqrt(sum(v * v for v in g))
+    assert 1e-7 < ng < 1e-6
+    step = 0.1
+    expected = _published_l2_step(X4, X4, g, step, eps, rule)
+    x = torch.tensor([X4], dtype=torch.float64)
+    out = pgd(model, x, torch.tensor([1]), eps=eps, step=step, steps=1, norm="l2", init="none", l2=rule)
+    assert out[0].tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # the guards really differ here: advertorch's floor 1e-6 shortens the step ~4x, TRADES' 1e-8 by ~4 %
+    name = {ADVERTORCH_L2: "advertorch", TRADES_L2: "trades", REBAT_L2: "rebat", OLD_L2: "old"}[rule]
+    length = {"advertorch": step * ng / 1e-6, "trades": step * ng / (ng + 1e-8),
+              "rebat": step * ng / (ng + 1e-10), "old": step}[name]
+    assert 0.005 < length and (length < 0.099) is (name in ("advertorch", "trades"))
+    if eps < length:  # projected onto the sphere, or just inside it with renorm's 1e-7
+        length = eps * length / (length + 1e-7) if rule.renorm else eps
+    assert float((out - x).norm()) == pytest.approx(length, rel=1e-9)
+
+
+def test_trades_first_l2_step_from_its_tiny_start_matches_the_published_formula():
+    # TRADES' start x + 0.001 N(0, I) makes the first KL gradient tiny, so its 1e-8 guard shortens the first
+    # step visibly: rpat's rule before D18 (max(||g||, 1e-12)) took the full step, ~1e-2 per coordinate
+    # further here (1e-3 to 3e-3 for a randomly initialised PreActResNet-18 on CIFAR-sized inputs).
+    Wl = [[0.003, -0.002, 0.001, 0.002], [-0.001, 0.002, 0.003, 0.0], [0.002, 0.0, -0.001, 0.003]]
+    model = _linear(Wl)
+    x = torch.tensor([X4], dtype=torch.float64)
+    start = random_start(x, 0.5, "l2", "normal", torch.Generator().manual_seed(0))[0].tolist()
+    # sum-KL(softmax(W x) || softmax(W x')) has gradient W^T (softmax(W x') - softmax(W x)) in x'
+    p0 = _softmax([sum(w * v for w, v in zip(row, X4)) for row in Wl])
+    p1 = _softmax([sum(w * v for w, v in zip(row, start)) for row in Wl])
+    g = _matvec_t(Wl, [a - b for a, b in zip(p1, p0)])
+    ng = math.sqrt(sum(v * v for v in g))
+    assert 1e-9 < ng < 1e-7  # ~1e-8: the guard is of the gradient's own size
+    step, eps = 15 / 255, 0.5
+    expected = _published_l2_step(X4, start, g, step, eps, TRADES_L2)
+
+    def attack(rule):
+        return pgd(model, x, torch.tensor([0]), eps=eps, step=step, steps=1, norm="l2", loss="kl", init="normal",
+                   l2=rule, generator=torch.Generator().manual_seed(0))[0].tolist()
+
+    # (the KL gradient is a difference of nearly equal softmaxes: float64 keeps ~8 digits of it)
+    assert attack(TRADES_L2) == pytest.approx(expected, abs=1e-11)
+    old = attack(OLD_L2)
+    assert max(abs(a - b) for a, b in zip(old, expected)) > 5e-3  # the difference D18 removed
+
+
+def test_renorm_projection_scale_is_eps_over_norm_plus_1e_7():
+    # delta = [0.3, 0.4] (norm 0.5) shrinks by 0.1 / (0.5 + 1e-7) with renorm, by exactly 0.2 without;
+    # a delta inside the ball is left alone by both
+    x = torch.full((2, 2), 0.5, dtype=torch.float64)
+    delta = torch.tensor([[0.3, 0.4], [0.03, -0.04]], dtype=torch.float64)
+    for rule, scale in ((TRADES_L2, 0.1 / (0.5 + 1e-7)), (ADVERTORCH_L2, 0.2)):
+        out = project(x + delta, x, 0.1, "l2", l2=rule) - x
+        assert out[0].tolist() == pytest.approx([0.3 * scale, 0.4 * scale], rel=1e-12)
+        assert out[1].tolist() == pytest.approx([0.03, -0.04], rel=1e-12)
+    assert float((project(x + delta, x, 0.1, "l2", l2=TRADES_L2) - x)[0].norm()) < 0.1
+
+
+def test_each_training_attack_uses_its_published_l2_constants():
+    from rpat.objectives import baselines
+    assert baselines.pgd_attack.keywords.get("l2", ADVERTORCH_L2) is ADVERTORCH_L2
+    assert baselines.pgd_attack.keywords["box_first"] is True
+    assert baselines.trades_attack.keywords["l2"] is TRADES_L2
+    assert baselines.mart_attack.keywords["l2"] is TRADES_L2
+    assert (TRADES_L2.add, TRADES_L2.renorm, REBAT_L2.add, REBAT_L2.renorm) == (1e-8, True, 1e-10, True)
+    assert (ADVERTORCH_L2.floor, ADVERTORCH_L2.renorm) == (1e-6, False)
+    with pytest.raises(ValueError):
+        L2Rule()  # no guard: a zero gradient would divide by zero

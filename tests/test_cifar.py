@@ -2,25 +2,26 @@
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from rpat import config, data, evaluate, train
 
 
 @pytest.mark.slow
 def test_preact_resnet18_pgd_at_rpat_one_epoch_on_512_cifar10_images(cifar10_jpeg_root, tmp_path):
-    cfg = config.from_dict({
-        "experiment": "cifar-smoke",
-        "tracking": {"enabled": False},
-        "grid": [{"dataset": ["cifar10"], "model": ["preact_resnet18"], "norm": ["linf"], "method": ["pgd_at"],
-                  "rpat": [True], "seed": [0]}],
-        "data": {"paths": {"cifar10": str(cifar10_jpeg_root)}, "train_subset": 512, "val_size": 64,
-                 "batch_size": 128, "augment": "crop_flip"},
-        "threat": {"linf": {"eps": "8/255", "step": "2/255", "steps": 3}},
-        "train": {"epochs": 1, "schedule": {"name": "constant"}, "val_attack_steps": 3},
+    cfg = config.from_dict(tiny_config(
+        experiment="cifar-smoke",
+        tracking={"enabled": False},
+        grid=[{"dataset": ["cifar10"], "model": ["preact_resnet18"], "norm": ["linf"], "method": ["pgd_at"],
+               "rpat": [True], "seed": [0]}],
+        data={"paths": {"cifar10": str(cifar10_jpeg_root)}, "train_subset": 512, "batch_size": 128,
+              "augment": "crop_flip"},
+        threat={"linf": {"eps": "8/255", "step": "2/255", "steps": 3}},
+        train={"epochs": 1, "val_attack_steps": 3},
         # AutoAttack's Square (5,000 queries per surviving point) takes minutes for an 11M-parameter
         # network on CPU; the AutoAttack path is covered on digits (test_workflow, the demo).
-        "eval": {"n_examples": 32, "pgd_steps": 20, "cw_steps": 5, "autoattack": {"enabled": False}},
-    })
+        eval={"n_examples": 32, "pgd_steps": 20, "cw_steps": 5},
+    ))
     cell = cfg.cells()[0]
     resolved = cfg.resolve(cell)
     # The image folders are class-sorted; both subsets must still hold all 10 classes, in proportion.

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiny import tiny_config, tiny_grid
+
 from rpat import checkpoint, config, data, objectives, train
 from rpat.data.extra import MixedBatches, load_extra, training_batches
 from rpat.data.svhn import read_svhn_mat
@@ -88,14 +90,11 @@ def test_without_extra_data_the_loader_is_the_plain_one():
 
 def extra_config(tmp_path):
     write_extra(tmp_path / "extra.npz", n=50)
-    raw = {"experiment": "extra", "tracking": {"enabled": False},
-           "grid": [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["trades"], "rpat": [True],
-                     "seed": [0]}],
-           "data": {"val_size": 32, "train_subset": 256, "augment": "crop_flip", "batch_size": 64,
-                    "extra": str(tmp_path / "extra.npz"), "extra_fraction": 0.25},
-           "threat": {"linf": {"eps": 0.2, "step": 0.1, "steps": 2}},
-           "train": {"epochs": 2, "lr": 0.05, "schedule": {"name": "constant"}, "val_attack_steps": 1}}
-    return config.from_dict(raw)
+    return config.from_dict(tiny_config(
+        tracking={"enabled": False}, grid=tiny_grid(method=["trades"], rpat=[True]),
+        data={"val_size": 32, "train_subset": 256, "augment": "crop_flip", "extra": str(tmp_path / "extra.npz"),
+              "extra_fraction": 0.25},
+        train={"val_attack_steps": 1}))
 
 
 def test_training_with_extra_data_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
@@ -170,14 +169,11 @@ def test_svhn_missing_or_broken_files_name_the_file_and_the_fix(tmp_path):
 
 def test_svhn_trains_with_the_eps_ramp(tmp_path):
     root = write_svhn(tmp_path / "svhn", n_train=80)
-    cfg = config.from_dict({
-        "experiment": "svhn", "tracking": {"enabled": False},
-        "grid": [{"dataset": ["svhn"], "model": ["cnn"], "norm": ["linf"], "method": ["pgd_at"], "rpat": [True],
-                  "seed": [0]}],
-        "data": {"paths": {"svhn": str(root)}, "val_size": 16, "augment": "none", "batch_size": 32},
-        "threat": {"linf": {"eps": "8/255", "step": "1/255", "steps": 2}},
-        "train": {"epochs": 2, "lr": 0.01, "schedule": {"name": "constant"}, "val_attack_steps": 1,
-                  "eps_warmup_epochs": 2}})
+    cfg = config.from_dict(tiny_config(
+        tracking={"enabled": False}, grid=tiny_grid(dataset=["svhn"], rpat=[True]),
+        data={"paths": {"svhn": str(root)}, "val_size": 16, "train_subset": None, "batch_size": 32},
+        threat={"linf": {"eps": "8/255", "step": "1/255", "steps": 2}},
+        train={"lr": 0.01, "val_attack_steps": 1, "eps_warmup_epochs": 2}))
     record = train.train_cell(cfg, cfg.cells()[0], tmp_path / "run", threads=1)
     assert [h["epoch"] for h in record["history"]] == [1, 2] and record["settings"]["train"]["eps_warmup_epochs"] == 2
     assert checkpoint.load(tmp_path / "run" / "checkpoint-last.pt")["mean"] == pytest.approx([0.4377, 0.4438, 0.4728])

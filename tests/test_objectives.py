@@ -25,14 +25,10 @@ from rpat.objectives import OBJECTIVES, compute_loss, interpolate, rpat_term
 from handcalc import PowNet, Recorder, t, lab, val, h_logits, h_softmax, h_ce
 
 REL = 1e-6
-# Every registered objective without a teacher (those have tests/test_rebat.py): registering one makes the
-# tests below ask for its hand-derived values.
-BASELINES = [n for n, o in OBJECTIVES.items() if not o.uses_teacher]
+# Every registered objective that trains (pretrained loads its weights) without a teacher (those have
+# tests/test_rebat.py): registering one makes the tests below ask for its hand-derived values.
+BASELINES = [n for n, o in OBJECTIVES.items() if not o.uses_teacher and o.provide is None]
 WITH_RPAT = [n for n in BASELINES if OBJECTIVES[n].supports_rpat]
-
-
-# ---------------------------------------------------------------------------------------------
-# Torch side: the models and a recording wrapper
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,10 +31,6 @@ REBAT = OBJECTIVES["rebat"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Torch side
-
-
-# ---------------------------------------------------------------------------------------------
 # Hand side
 
 
@@ -382,7 +378,8 @@ def test_rebat_attack_uses_train_mode_bn_and_restores_mode(start_training):
     out = rebat_attack(net, x, y, threat, dict(REBAT.defaults), generator=torch.Generator().manual_seed(2))
     bn = net[2]
     assert all(m.training is start_training for m in net.modules())
-    assert int(bn.num_batches_tracked) == threat.steps  # one train-mode forward per step (ball start: none)
+    # one train-mode forward per step (ball start: none) and the final one (D17)
+    assert int(bn.num_batches_tracked) == threat.steps + 1
     assert float(bn.running_mean.abs().sum()) > 0  # started at zeros
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     assert out.shape == x.shape and not out.requires_grad
@@ -392,7 +389,7 @@ def test_rebat_attack_uses_train_mode_bn_and_restores_mode(start_training):
     net2 = bn_net()
     net2.eval()
     rebat_attack(net2, x, y, threat, {}, generator=torch.Generator().manual_seed(2))
-    assert int(net2[2].num_batches_tracked) == threat.steps and not net2.training
+    assert int(net2[2].num_batches_tracked) == threat.steps + 1 and not net2.training
 
 
 def test_rebat_attack_eval_bn_is_configurable():
@@ -608,3 +605,279 @@ def test_methods_without_a_plan_keep_their_threat_and_no_average():
                 plan = obj.epoch_plan(obj.defaults, THREAT, epoch)
                 assert (plan.threat, plan.reg_active, plan.average_decay) == (THREAT, True, 0.0)
     assert OBJECTIVES["pgd_at"].epoch_plan is constant_plan and OBJECTIVES["pgd_at"].after_step is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The published attack's extra forwards (docs/faithfulness.md D17): BatchNorm running statistics only
+
+
+def bn_first_net(seed=0):
+    """BatchNorm straight on the flattened input, so its running statistics are plain moments of the input."""
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        net[2].weight.copy_(torch.randn(3, 8, generator=gen, dtype=torch.float64))
+        net[2].bias.copy_(torch.randn(3, generator=gen, dtype=torch.float64))
+    return net
+
+
+def bn_stats(net):
+    return {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("threat", THREATS, ids=["linf", "l2"])
+def test_final_forward_is_one_more_momentum_update_with_the_final_x_adv(threat):
+    x, y = batch()
+    runs = {}
+    for final in (False, True):
+        net = bn_first_net()
+        net.train()
+        out = rebat_attack(net, x, y, threat, {**REBAT.defaults, "final_forward": final},
+                           generator=torch.Generator().manual_seed(2))
+        runs[final] = (out, bn_stats(net))
+    (out0, s0), (out1, s1) = runs[False], runs[True]
+    assert torch.equal(out0, out1)  # the same x'
+    assert int(s0["1.num_batches_tracked"]) == threat.steps and int(s1["1.num_batches_tracked"]) == threat.steps + 1
+    # by hand: m <- 0.9 m + 0.1 mean_B(x'), v <- 0.9 v + 0.1 var_B(x') (unbiased), BatchNorm's momentum 0.1
+    rows = out1.tolist()
+    B = len(rows)
+    mean = [sum(r[j] for r in rows) / B for j in range(8)]
+    var = [sum((r[j] - mean[j]) ** 2 for r in rows) / (B - 1) for j in range(8)]
+    for key, moment in (("1.running_mean", mean), ("1.running_var", var)):
+        expected = [0.9 * a + 0.1 * b for a, b in zip(s0[key].tolist(), moment)]
+        assert s1[key].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def _rebat_step(final_forward, replay=False, decay=0.5):
+    """One ReBAT step (regulariser and averaging on) from a fixed state, by train_step or, with ``replay``,
+    written out forward by forward with the final attack forward made explicitly."""
+    from rpat import train
+    from rpat.objectives import EpochPlan
+
+    net = bn_net(3)
+    net.train()
+    avg = WeightAverage(bn_net(4)).eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = batch(seed=9)
+    hp = {**REBAT.defaults, "final_forward": final_forward and not replay}
+    plan = EpochPlan(THREATS[0], reg_active=True, average_decay=decay)
+    torch.manual_seed(5)  # the attack's random start (train_step passes no generator)
+    if not replay:
+        train.train_step(REBAT, net, opt, x, y, plan, hp, None, average=avg)
+        return net, avg
+    x_adv = rebat_attack(net, x, y, plan.threat, hp)
+    with torch.no_grad():
+        net(x_adv)  # the published restart selection's forward, in train mode
+    loss, _ = compute_loss(REBAT, net, x, y, x_adv, hp, teacher=avg, reg_active=True)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        net(x)  # the published logging-only clean forward
+    avg.update(net, decay)
+    return net, avg
+
+
+def test_one_rebat_step_with_final_forward_equals_the_replayed_forwards():
+    net, avg = _rebat_step(True)
+    net_r, avg_r = _rebat_step(True, replay=True)
+    for a, b in ((net, net_r), (avg.module, avg_r.module)):
+        for (k, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(u, v), k
+
+
+def test_final_forward_changes_running_statistics_only():
+    decay = 0.5
+    on, avg_on = _rebat_step(True, decay=decay)
+    off, avg_off = _rebat_step(False, decay=decay)
+    for (name, p), q in zip(on.named_parameters(), off.parameters()):
+        assert torch.equal(p, q), name  # the extra forward changes no loss and no gradient
+    s_on, s_off = bn_stats(on), bn_stats(off)
+    assert int(s_on["2.num_batches_tracked"]) == int(s_off["2.num_batches_tracked"]) + 1
+    d_model = s_on["2.running_mean"] - s_off["2.running_mean"]
+    assert float(d_model.abs().max()) > 1e-3
+    # the teacher's statistics follow through the average: (1 - d) times the model's difference
+    d_teacher = bn_stats(avg_on.module)["2.running_mean"] - bn_stats(avg_off.module)["2.running_mean"]
+    assert d_teacher.tolist() == pytest.approx(((1 - decay) * d_model).tolist(), rel=1e-9, abs=1e-15)
+
+
+def test_cutmix_targets_make_two_forwards_per_attack_step():
+    # With probability targets (CutMix) the published attack calls the network twice per step: same x',
+    # one more running-statistics update per step unless cutmix_double_forward is off.
+    x, _ = batch()
+    soft = torch.softmax(torch.randn(len(x), 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 1)
+    threat = THREATS[1]
+    outs = {}
+    for double in (False, True):
+        net = bn_first_net()
+        net.train()
+        outs[double] = rebat_attack(net, x, soft, threat, {**REBAT.defaults, "cutmix_double_forward": double},
+                                    generator=torch.Generator().manual_seed(2))
+        assert int(net[1].num_batches_tracked) == (2 if double else 1) * threat.steps + 1
+        assert net.training and all(p.grad is None for p in net.parameters())
+    assert torch.equal(outs[False], outs[True])
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's BatchNorm mode in its first averaging epoch (docs/faithfulness.md D19)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "train_and_resume"])
+def test_epoch_plan_teacher_bn_mode(mode):
+    hp = hp_with(warmup_epoch=3, teacher_bn_first_epoch=mode)
+    plans = {(e, r): REBAT.epoch_plan(hp, THREAT, e, resumed=r).average_bn for e in range(1, 6) for r in (False, True)}
+    first = "eval" if mode == "eval" else "train"
+    expected = {(e, r): "eval" for e in range(1, 6) for r in (False, True)}
+    expected[3, False] = expected[3, True] = first  # the first averaging epoch
+    if mode == "train_and_resume":
+        expected[4, True] = expected[5, True] = "train"  # the first epoch after a resume, once averaging is on
+    assert plans == expected
+    assert REBAT.epoch_plan(hp_with(warmup_epoch=0, teacher_bn_first_epoch=mode), THREAT, 1).average_bn == first
+    assert constant_plan({}, THREAT, 1, resumed=True).average_bn == "eval"
+
+
+def test_teacher_in_train_mode_uses_batch_statistics_and_nudges_its_running_statistics():
+    # ReBAT's teacher sees x' (no gradient). In train mode its BatchNorm moves its running mean by
+    # 0.1 (mean_B(x') - m) before the average update: m_WA <- d (0.9 m + 0.1 mean_B(x')) + (1 - d) m_model.
+    from rpat import train
+    from rpat.objectives import EpochPlan
+
+    x, y = batch(seed=9)
+    decay = 0.5
+    out = {}
+    for teacher_train in (False, True):
+        net, avg = bn_first_net(3), WeightAverage(bn_first_net(4))
+        with torch.no_grad():
+            avg.module[1].running_mean.fill_(0.25)
+        avg.train(teacher_train)
+        seen = []
+        avg.register_forward_hook(lambda mod, inp, o: seen.append(inp[0].clone()))
+        torch.manual_seed(5)
+        train.train_step(REBAT, net, torch.optim.SGD(net.parameters(), lr=0.1), x, y,
+                         EpochPlan(THREATS[0], reg_active=True, average_decay=decay), dict(REBAT.defaults), None,
+                         average=avg)
+        assert len(seen) == 1 and avg.training is teacher_train
+        out[teacher_train] = (seen[0], net[1].running_mean.tolist(), avg.module[1].running_mean.tolist())
+    x_adv, model_mean, teacher_mean = out[True]
+    batch_mean = x_adv.mean(0).tolist()
+    expected = [decay * (0.9 * 0.25 + 0.1 * b) + (1 - decay) * m for b, m in zip(batch_mean, model_mean)]
+    assert teacher_mean == pytest.approx(expected, rel=1e-12)
+    _, model_mean_eval, teacher_mean_eval = out[False]
+    assert teacher_mean_eval == pytest.approx([decay * 0.25 + (1 - decay) * m for m in model_mean_eval], rel=1e-12)
+
+
+REBAT_TINY = {
+    "experiment": "unit", "tracking": {"enabled": False},
+    "grid": [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["rebat"], "rpat": [False, True],
+              "seed": [0]}],
+    "data": {"val_size": 64, "train_subset": 128, "augment": "none", "batch_size": 64},
+    "threat": {"linf": {"eps": 0.2, "step": 0.1, "steps": 2}},
+    "train": {"epochs": 3, "lr": 0.05, "schedule": {"name": "constant"}, "val_attack_steps": 1},
+    "methods": {"rebat": {"warmup_epoch": 2, "decay": 0.5}},
+    "eval": {"n_examples": 16, "autoattack": {"enabled": False}},
+}
+
+
+def _teacher_modes(monkeypatch, tmp_path, mode, rpat, epochs=3, die_at_validation=None):
+    """The BatchNorm mode of every teacher call while a tiny ReBAT cell trains (2 steps per epoch)."""
+    from rpat import accuracy, config, train
+
+    raw = {**REBAT_TINY, "train": {**REBAT_TINY["train"], "epochs": epochs},
+           "methods": {"rebat": {**REBAT_TINY["methods"]["rebat"], "teacher_bn_first_epoch": mode}}}
+    cfg = config.from_dict(raw)
+    cell = config.Cell("digits", "cnn", "linf", "rebat", rpat, 0)
+    modes = []
+    monkeypatch.setattr(WeightAverage, "forward", lambda self, x: (modes.append(self.training), self.module(x))[1])
+    if die_at_validation:
+        real, calls = accuracy.accuracies, []
+
+        def dies(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == die_at_validation:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(accuracy, "accuracies", dies)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_cell(cfg, cell, tmp_path)
+        monkeypatch.setattr(accuracy, "accuracies", real)
+        modes.clear()
+    train.train_cell(cfg, cell, tmp_path)
+    return modes
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("rpat", [False, True], ids=["rebat", "rpat++"])
+def test_training_loop_sets_the_teacher_mode_per_epoch(monkeypatch, tmp_path, mode, rpat):
+    # warm-up epoch 2 of 3, two steps per epoch; ReBAT calls the teacher once per step, RPAT++ twice
+    per_epoch = 2 * (2 if rpat else 1)
+    assert _teacher_modes(monkeypatch, tmp_path, mode, rpat) == [mode == "train"] * per_epoch + [False] * per_epoch
+
+
+@pytest.mark.parametrize("mode", ["train", "train_and_resume"])
+def test_teacher_mode_after_a_resume(monkeypatch, tmp_path, mode):
+    # killed in epoch 3's validation of 4: the job resumes at epoch 3, where only train_and_resume
+    # (the published code after --resume) puts the teacher in train mode again
+    modes = _teacher_modes(monkeypatch, tmp_path, mode, False, epochs=4, die_at_validation=3)
+    assert modes == [mode == "train_and_resume"] * 2 + [False] * 2
+
+
+def test_teacher_bn_first_epoch_takes_only_known_values():
+    from rpat import config
+    from rpat.errors import ConfigError
+
+    raw = {**REBAT_TINY, "methods": {"rebat": {"teacher_bn_first_epoch": "batch"}}}
+    with pytest.raises(ConfigError, match="teacher_bn_first_epoch.*eval, train, train_and_resume"):
+        config.from_dict(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# One published --beta, two rpat keys (docs/faithfulness.md D4): ReBAT's beta = RPAT++'s weight in every shipped
+# config where a block pairs ReBAT with its RPAT++ twin (same dataset, model, norm and seed)
+
+
+def beta_weight_mismatches(cfg) -> list[str]:
+    """Each ReBAT cell whose methods.rebat.beta differs from its RPAT++ twin's rpat.weight."""
+    from dataclasses import replace
+
+    cells = set(cfg.cells())
+    out = []
+    for cell in cfg.cells():
+        twin = replace(cell, rpat=True)
+        if cell.method != "rebat" or cell.rpat or twin not in cells:
+            continue
+        beta, weight = cfg.settings(cell).method["beta"], cfg.settings(twin).rpat.weight
+        if beta != weight:
+            out.append(f"{cell.id}: methods.rebat.beta = {beta} but {twin.id} has rpat.weight = {weight}")
+    return out
+
+
+def test_shipped_configs_give_rebat_and_rpat_plus_plus_the_same_beta():
+    from pathlib import Path
+
+    from rpat import config
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "config").glob("*.yaml"))
+    checked = 0
+    for path in paths:
+        cfg = config.load(path)
+        assert beta_weight_mismatches(cfg) == [], path.name
+        checked += sum(c.method == "rebat" for c in cfg.cells())
+    assert checked >= 10  # paper.yaml alone has 10 ReBAT/RPAT++ cells
+    paper = config.load(paths[0].parent / "paper.yaml")
+    wrn = paper.settings(config.Cell("cifar10", "wrn34_10", "linf", "rebat", True, 0))
+    assert (wrn.method["beta"], wrn.rpat.weight, wrn.train.schedule["factor"], wrn.data.cutmix.enabled) == \
+        (2.0, 2.0, 4.0, True)
+
+
+@pytest.mark.parametrize("set_", [{"methods": {"rebat": {"beta": 2.0}}}, {"rpat": {"weight": 2.0}},
+                                  {"methods": {"rebat": {"beta": 2.0}}, "rpat": {"weight": 2.0}}],
+                         ids=["beta-only", "weight-only", "both"])
+def test_a_block_setting_one_of_beta_and_weight_is_caught(set_):
+    from rpat import config
+
+    raw = {**REBAT_TINY, "grid": [{**REBAT_TINY["grid"][0], "set": set_}]}
+    found = beta_weight_mismatches(config.from_dict(raw))
+    assert len(found) == (0 if len(set_) == 2 else 1)
+    if found:
+        assert "digits/cnn/linf/rebat/seed0: methods.rebat.beta = " in found[0]

@@ -25,9 +25,8 @@ pytestmark = pytest.mark.slurm
 
 TINY = tiny_config(
     experiment="tiny-slurm",
-    data={"train_subset": 256},
-    train={"epochs": 1, "val_attack_steps": 2},
-    eval={"n_examples": 16, "pgd_steps": 3, "cw_steps": 3},
+    train={"epochs": 1},
+    eval={"autoattack": {"enabled": True}},
     # Every job asks for a GPU, so the submissions must carry a GPU request the cluster can satisfy.
     resources={"default": {"gpu": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10}},
 )

@@ -6,27 +6,20 @@ import sys
 
 import pytest
 import torch
+from tiny import tiny_config, tiny_grid
 
 from rpat import accuracy, checkpoint, config, evaluate, train
 
-TINY = {
-    "experiment": "unit",
-    "tracking": {"enabled": False},
-    "grid": [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["trades", "rebat"],
-              "rpat": [False, True], "seed": [0]}],
-    "data": {"val_size": 64, "train_subset": 128, "augment": "none", "batch_size": 64},
-    "threat": {"linf": {"eps": 0.2, "step": 0.1, "steps": 2}},
-    "train": {"epochs": 2, "lr": 0.05, "schedule": {"name": "multistep", "milestones": [1]}, "val_attack_steps": 2},
-    "methods": {"rebat": {"warmup_epoch": 2, "decay": 0.5}},
-    "eval": {"n_examples": 16, "pgd_steps": 3, "cw_steps": 3, "autoattack": {"enabled": False}},
-}
+# Two methods with and without RPAT; the learning rate drops tenfold after epoch 1; ReBAT's decay starts at
+# epoch 2 (the last).
+UNIT = tiny_config(experiment="unit", tracking={"enabled": False},
+                   grid=tiny_grid(method=["trades", "rebat"]),
+                   train={"schedule": {"name": "multistep", "milestones": [1]}},
+                   methods={"rebat": {"warmup_epoch": 2, "decay": 0.5}})
 
 
 def cfg_with(**sections):
-    raw = json.loads(json.dumps(TINY))
-    for k, v in sections.items():
-        raw[k] = config.deep_merge(raw.get(k, {}), v) if isinstance(v, dict) else v
-    return config.from_dict(raw)
+    return config.from_dict(config.deep_merge(UNIT, sections))
 
 
 CELL = config.Cell("digits", "cnn", "linf", "trades", True, 0)

@@ -11,10 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tiny import TINY
+from tiny import tiny_config, tiny_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+# The tiny grid with AutoAttack (the summary has AA, Mean and NRR) on 24 test examples.
+TINY = tiny_config(experiment="tiny-e2e", eval={"n_examples": 24, "autoattack": {"enabled": True}})
 
 
 def snakemake(*args, cwd=ROOT, timeout=900):
@@ -130,9 +132,9 @@ def test_killed_snakemake_run_resumes_training_instead_of_restarting(tmp_path):
     state; rerunning the same command resumes it and finishes the grid."""
     import signal
 
-    cfg = {**TINY, "grid": [{**TINY["grid"][0], "rpat": [True]}],
-           "train": {**TINY["train"], "epochs": 6},
-           "eval": {**TINY["eval"], "autoattack": {"enabled": False}}}
+    # Six epochs of 4 batches: training is still running when the kill comes.
+    cfg = tiny_config(grid=tiny_grid(rpat=[True]), data={"train_subset": 512, "batch_size": 128},
+                      train={"epochs": 6})
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

@@ -192,14 +192,15 @@ from rpat.data.tinyimagenet import (  # noqa: E402
 )
 from rpat.data.imagefolder import load_imagefolder  # noqa: E402
 from rpat.data.folders import CACHE_DIRNAME, IMG_EXTENSIONS, decode_imagefolder  # noqa: E402
-from rpat.data.augment import AUGMENTATIONS, Augment, autoaugment_cutout, cutout, random_crop_flip  # noqa: E402
+from rpat.data.augment import (AUGMENTATIONS, Augment, CutMix, autoaugment_cutout, cutout,  # noqa: E402
+                               random_crop_flip)
 from rpat.data.batches import Batches, to_float  # noqa: E402
 from rpat.data.extra import MixedBatches, load_extra, training_batches  # noqa: E402
 
 __all__ = [
     "AUGMENTATIONS", "Augment", "Batches", "CACHE_DIRNAME", "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN",
-    "CIFAR10_STD", "DATASETS", "DIGITS_SPLIT_SEED", "DIGITS_TEST_SIZE", "DatasetSpec", "IMG_EXTENSIONS", "Loaded",
-    "MixedBatches", "SUBSETS", "SVHN_MEAN", "SVHN_STD", "Splits", "TINYIMAGENET_MD5", "TINYIMAGENET_MEAN",
+    "CIFAR10_STD", "CutMix", "DATASETS", "DIGITS_SPLIT_SEED", "DIGITS_TEST_SIZE", "DatasetSpec", "IMG_EXTENSIONS",
+    "Loaded", "MixedBatches", "SUBSETS", "SVHN_MEAN", "SVHN_STD", "Splits", "TINYIMAGENET_MD5", "TINYIMAGENET_MEAN",
     "TINYIMAGENET_STD", "TINYIMAGENET_URL", "autoaugment_cutout", "cutout", "dataset_info", "dataset_root",
     "decode_imagefolder", "draw_subset", "eval_subset", "first_n", "load_cifar10", "load_cifar100", "load_digits",
     "load_extra", "load_imagefolder", "load_splits", "load_svhn", "load_tinyimagenet", "prepare",

@@ -1,10 +1,13 @@
-"""Batch augmentations: functions of (x float [0,1] on the device, generator) -> x, registered by name.
+"""Batch augmentations: functions of (x float [0,1] on the device, generator) -> x, registered by name; and
+CutMix, which mixes labels too: (x, y, generator) -> (x, soft targets).
 
 Random draws are made on the CPU from the given generator, so a run's augmentations are the same on every device.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -104,3 +107,59 @@ AUGMENTATIONS: dict[str, Augment | None] = {
     "crop_flip": random_crop_flip,
     "autoaugment_cutout": autoaugment_cutout,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# CutMix: mixes images and labels, so it is not one of AUGMENTATIONS (x -> x) but the batches' ``mix`` step.
+
+
+def cutmix_box(h: int, w: int, lam: float, cy: int, cx: int) -> tuple[int, int, int, int]:
+    """The pasted box (rows r0:r1, cols c0:c1) for ratio ``lam`` centred at pixel (cy, cx), as the ReBAT code
+    draws it: per axis, half = int(size sqrt(1 - lam)) // 2 and the box is [c - half, c + half) clipped to
+    the image; so the pasted area is at most (1 - lam) h w, less where the box is clipped."""
+    hr, hc = int(h * math.sqrt(1.0 - lam)) // 2, int(w * math.sqrt(1.0 - lam)) // 2
+    return max(cy - hr, 0), min(cy + hr, h), max(cx - hc, 0), min(cx + hc, w)
+
+
+def _beta_draw(alpha: float, beta: float, generator: torch.Generator | None) -> float:
+    """One Beta(alpha, beta) draw, a deterministic function of ``generator`` (which seeds torch's sampler
+    inside ``fork_rng``, leaving the global RNG untouched)."""
+    dist = torch.distributions.Beta(torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64))
+    if generator is None:
+        return float(dist.sample())
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return float(dist.sample())
+
+
+@dataclass(frozen=True)
+class CutMix:
+    """CutMix (Yun et al.) as the ReBAT code applies it to every training batch:
+
+    lam ~ Beta(alpha, beta); a random permutation pi of the batch; image i gets the box
+    :func:`cutmix_box` (centre uniform over the pixels) cut from image pi(i); lam' = 1 - box area / (h w),
+    the share of its own pixels; target_i = lam' onehot(y_i) + (1 - lam') onehot(y_pi(i)).
+
+    With these probability targets, CE(z, target) = lam' CE(z, y) + (1 - lam') CE(z, y_pi): the published
+    mixed criterion. Draws (lam, pi, centre) come from ``generator`` on the CPU.
+    """
+
+    num_classes: int
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = x.shape
+        lam = _beta_draw(self.alpha, self.beta, generator)
+        perm = torch.randperm(n, generator=generator, device="cpu")
+        cy = int(torch.randint(0, h, (), generator=generator))
+        cx = int(torch.randint(0, w, (), generator=generator))
+        r0, r1, c0, c1 = cutmix_box(h, w, lam, cy, cx)
+        perm = _to_device(perm, x.device)
+        out = x.clone()
+        out[:, :, r0:r1, c0:c1] = x[perm, :, r0:r1, c0:c1]
+        own = 1.0 - (r1 - r0) * (c1 - c0) / (h * w)
+        onehot = torch.nn.functional.one_hot(y, self.num_classes).to(x.dtype)
+        return out, own * onehot + (1.0 - own) * onehot[perm]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from rpat.data.augment import Augment
+
+# (x, y, generator) -> (x, targets): a step that mixes images and labels (CutMix), after ``augment``.
+Mix = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +21,9 @@ class Batches:
     """Iterate ``(x, y)`` batches from in-memory tensors, moved to ``device`` once.
 
     ``views=2`` yields ``(cat(aug(x), aug(x)), cat(y, y))``: two independent augmentations of the
-    same images, as Consistency-AT trains on (docs/faithfulness.md "Consistency-AT").
+    same images, as Consistency-AT trains on (docs/faithfulness.md "Consistency-AT"). ``mix`` (CutMix)
+    turns each augmented batch ``(x, y)`` into ``(mixed x, probability targets)``; its draws come from
+    ``generator`` too, so a resumed epoch sees the same batches.
     """
 
     def __init__(
@@ -32,7 +37,10 @@ class Batches:
         views: int = 1,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
+        mix: Mix | None = None,
     ):
+        if mix is not None and views != 1:
+            raise ValueError("label mixing (CutMix) takes one view per image")
         self.x = x.to(device)
         self.y = y.to(device)
         self.batch_size = batch_size
@@ -40,6 +48,7 @@ class Batches:
         self.augment = augment
         self.views = views
         self.generator = generator
+        self.mix = mix
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
@@ -69,7 +78,8 @@ class Batches:
             idx = order[sl] if order is not None else sl
             xb, yb = self.take(idx)
             if self.views == 1:
-                yield (self.augment(xb, self.generator) if self.augment else xb), yb
+                xb = self.augment(xb, self.generator) if self.augment else xb
+                yield self.mix(xb, yb, self.generator) if self.mix else (xb, yb)
             else:
                 views = [self.augment(xb, self.generator) if self.augment else xb for _ in range(self.views)]
                 yield torch.cat(views), yb.repeat(self.views)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rpat.data.augment import AUGMENTATIONS
+from rpat.data.augment import AUGMENTATIONS, CutMix
 from rpat.data.batches import Batches, to_float
 from rpat.errors import DataProblem
 
@@ -88,8 +88,10 @@ class MixedBatches(Batches):
 
 
 def training_batches(splits, d, *, views: int, device, generator: torch.Generator) -> Batches:
-    """The training loader for the data settings ``d``: the data set's images, with ``d.extra`` mixed in if set."""
-    kwargs = {"augment": AUGMENTATIONS[d.augment], "views": views, "device": device, "generator": generator}
+    """The training loader for the data settings ``d``: the data set's images, with ``d.extra`` mixed in if set,
+    and CutMix (``d.cutmix``) after the augmentation if on."""
+    mix = CutMix(splits.num_classes, d.cutmix.alpha, d.cutmix.beta) if d.cutmix.enabled else None
+    kwargs = {"augment": AUGMENTATIONS[d.augment], "views": views, "device": device, "generator": generator, "mix": mix}
     if d.extra is None:
         return Batches(*splits.train, d.batch_size, shuffle=True, **kwargs)
     ex, ey = load_extra(d.extra, splits.image_size, splits.channels, splits.num_classes)

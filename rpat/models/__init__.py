@@ -5,6 +5,10 @@ Every model is registered once with :func:`register`; :func:`build` returns it w
 
 A builder takes ``(num_classes, in_channels, image_size)`` and returns an ``nn.Module`` mapping
 normalised images to logits.
+
+Pretrained RobustBench entries are not registered here: a grid names them ``robustbench:<entry>``
+(:mod:`rpat.zoo`), :mod:`rpat.models.robustbench` loads them, and :func:`build_from_meta` rebuilds them from
+a checkpoint that records their ``zoo_entry``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from rpat import zoo
 from rpat.errors import UnknownName
 
 
@@ -66,6 +71,9 @@ def build(
     std: Sequence[float] | None = None,
 ) -> Normalized:
     """Build a registered model, normalising inputs by ``mean``/``std`` (identity if omitted)."""
+    if zoo.is_zoo_model(name):
+        raise UnknownName(f"{name} is a pretrained RobustBench model: it is loaded from the zoo's file, not built "
+                          "for training; evaluate it with method pretrained")
     if name not in MODELS:
         raise UnknownName(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}")
     spec = MODELS[name]
@@ -90,6 +98,9 @@ def meta(name: str, *, num_classes: int, in_channels: int, image_size: int, mean
 
 
 def build_from_meta(m: dict) -> Normalized:
+    """The model a checkpoint's :func:`meta` describes (a RobustBench entry's where it records ``zoo_entry``)."""
+    if "zoo_entry" in m:
+        return robustbench.build_from_meta(m)
     return build(m["model_name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
                  image_size=m["image_size"], mean=m["mean"], std=m["std"])
 
@@ -100,3 +111,4 @@ def param_count(model: nn.Module) -> int:
 
 # Importing the modules registers their models.
 from rpat.models import cnn, preact_resnet, resnet, wide_resnet  # noqa: E402,F401
+from rpat.models import robustbench  # noqa: E402  (pretrained RobustBench entries, `robustbench:<entry>`)

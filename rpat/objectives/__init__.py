@@ -21,7 +21,8 @@ batch statistics depend on the batch). ``hp`` holds the method's own hyperparame
 Notation: z(.) logits, CE mean cross-entropy, KL_bm(p||q) = (1/B) sum_i sum_c p_ic log(p_ic/q_ic),
 MSE mean over batch x classes.
 
-Registered objectives live in :mod:`rpat.objectives.baselines` and :mod:`rpat.objectives.rebat`.
+Registered objectives live in :mod:`rpat.objectives.baselines`, :mod:`rpat.objectives.rebat` and
+:mod:`rpat.objectives.pretrained` (RobustBench zoo models, evaluated and never trained).
 """
 
 from __future__ import annotations
@@ -56,14 +57,16 @@ class StepContext:
 @dataclass(frozen=True)
 class EpochPlan:
     """One epoch's training settings as an objective plans them: the attack's threat model, whether its
-    regulariser is on, and the decay of the weight average (0: the average is a copy of the model)."""
+    regulariser is on, the decay of the weight average (0: the average is a copy of the model) and the
+    average's BatchNorm mode while it serves as a teacher ('eval' or 'train')."""
 
     threat: Threat
     reg_active: bool = True
     average_decay: float = 0.0
+    average_bn: str = "eval"
 
 
-def constant_plan(hp: Mapping, threat: Threat, epoch: int) -> EpochPlan:
+def constant_plan(hp: Mapping, threat: Threat, epoch: int, resumed: bool = False) -> EpochPlan:
     return EpochPlan(threat)
 
 
@@ -86,9 +89,17 @@ class Objective:
     # Validation metric that picks the best checkpoint: 'pgd' (robust accuracy) for adversarial
     # training, 'clean' for standard and noise training, whose robust accuracy is ~0 throughout.
     select_on: str = "pgd"
-    epoch_plan: Callable[[Mapping, Threat, int], EpochPlan] = constant_plan
+    # epoch_plan(hp, threat, epoch, resumed) -> EpochPlan; ``resumed``: the first epoch a resumed job trains
+    epoch_plan: Callable[..., EpochPlan] = constant_plan
     # after_step(model, x, hp, amp): called after each optimiser step (ReBAT: a clean train-mode forward)
     after_step: Callable[..., None] | None = None
+    # provide(settings, out_dir, tracking) -> train.json record: an objective whose weights come from elsewhere
+    # writes the cell's checkpoints and train.json itself instead of training (pretrained zoo models).
+    provide: Callable[..., dict] | None = None
+    # The attack and loss accept probability-vector targets (CutMix, data.cutmix); otherwise y stays integer.
+    mixed_targets: bool = False
+    # Allowed values of string hyperparameters (the config schema's enums), e.g. {"attack_bn": BN_MODES}.
+    choices: dict = field(default_factory=dict)
     display: str = ""  # the paper's name (tables, plots)
     rpat_display: str = ""  # the name with RPAT on (default: display + "+RPAT")
 
@@ -186,5 +197,5 @@ def objective_info() -> list[dict]:
 
 
 # Importing the modules registers their objectives (after the definitions above, which they use).
-from rpat.objectives import baselines, rebat  # noqa: E402,F401
+from rpat.objectives import baselines, pretrained, rebat  # noqa: E402,F401
 from rpat.objectives.rebat import _guard_huge, rebat_attack, rebat_loss, rpat_plus_plus_loss  # noqa: E402,F401

@@ -21,18 +21,18 @@ from rpat.settings import Threat
 
 
 def threat_pgd(model, x, y, threat: Threat, hp: Mapping, generator=None, *, loss: str, init: str,
-               box_first: bool = False, bn: str = "eval") -> Tensor:
+               box_first: bool = False, bn: str = "eval", l2: attacks.L2Rule = attacks.ADVERTORCH_L2) -> Tensor:
     """PGD with the threat model's eps, step size and number of steps."""
     return attacks.pgd(model, x, y, eps=threat.eps, step=threat.step, steps=threat.steps, norm=threat.norm,
-                       loss=loss, init=init, bn=bn, box_first=box_first, generator=generator)
+                       loss=loss, init=init, bn=bn, box_first=box_first, l2=l2, generator=generator)
 
 
-# PGD on mean CE, uniform random start, advertorch's L2 projection order (PGD-AT, Consistency-AT).
+# PGD on mean CE, uniform random start, advertorch's L2 constants and projection order (PGD-AT, Consistency-AT).
 pgd_attack = partial(threat_pgd, loss="ce", init="uniform", box_first=True)
-# Maximise sum KL(softmax(z(x)) || softmax(z(x'))) from x + 0.001 N(0, I) (TRADES).
-trades_attack = partial(threat_pgd, loss="kl", init="normal")
-# PGD on mean CE from x + 0.001 N(0, I) (MART).
-mart_attack = partial(threat_pgd, loss="ce", init="normal")
+# Maximise sum KL(softmax(z(x)) || softmax(z(x'))) from x + 0.001 N(0, I), TRADES' L2 constants (TRADES).
+trades_attack = partial(threat_pgd, loss="kl", init="normal", l2=attacks.TRADES_L2)
+# PGD on mean CE from x + 0.001 N(0, I), the same L2 constants (MART).
+mart_attack = partial(threat_pgd, loss="ce", init="normal", l2=attacks.TRADES_L2)
 
 
 def no_attack(model, x, y, threat: Threat, hp: Mapping, generator=None) -> Tensor:

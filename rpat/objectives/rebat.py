@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rpat import attacks
 from rpat.objectives import (EpochPlan, LossOut, Objective, StepContext, Tensor, interpolate, kl_batchmean,
@@ -18,21 +19,59 @@ from rpat.objectives import (EpochPlan, LossOut, Objective, StepContext, Tensor,
 from rpat.settings import RpatSettings, Threat
 
 
+class _TwiceForward(nn.Module):
+    """Calls the network twice per attack step and returns the second output, as the published attack does
+    with CutMix targets: the first forward only moves BatchNorm running statistics (no gradient needed)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.net(x)
+        return self.net(x)
+
+
 def rebat_attack(model, x, y, threat: Threat, hp: Mapping, generator=None) -> Tensor:
-    """PGD on mean CE with ReBAT's start (uniform in the ball), BatchNorm in ``hp['attack_bn']`` mode (train)."""
-    return attacks.pgd(model, x, y, eps=threat.eps, step=threat.step, steps=threat.steps, norm=threat.norm,
-                       loss="ce", init="ball", bn=hp.get("attack_bn", "train"), generator=generator)
+    """PGD on mean CE (``y`` integer labels or CutMix probability vectors) with ReBAT's start (uniform in the
+    ball) and L2 constants, BatchNorm in ``hp['attack_bn']`` mode (train).
+
+    The published attack's extra forwards, which change only BatchNorm running statistics
+    (docs/faithfulness.md D17): with ``final_forward`` one more forward on the final x' (its restart
+    selection); with ``cutmix_double_forward`` and probability targets, two forwards per step."""
+    bn = hp.get("attack_bn", "train")
+    twice = y.is_floating_point() and hp.get("cutmix_double_forward", True)
+    x_adv = attacks.pgd(_TwiceForward(model) if twice else model, x, y, eps=threat.eps, step=threat.step,
+                        steps=threat.steps, norm=threat.norm, loss="ce", init="ball", bn=bn, l2=attacks.REBAT_L2,
+                        generator=generator)
+    if hp.get("final_forward", True):
+        with torch.no_grad(), attacks.bn_mode(model, bn):
+            model(x_adv)
+    return x_adv
 
 
-def rebat_epoch_plan(hp: Mapping, threat: Threat, epoch: int) -> EpochPlan:
+TEACHER_BN_FIRST_EPOCH = ("eval", "train", "train_and_resume")
+
+
+def rebat_epoch_plan(hp: Mapping, threat: Threat, epoch: int, resumed: bool = False) -> EpochPlan:
     """From ``warmup_epoch`` on, the regulariser is active and the average decays with ``decay`` (before it,
     decay 0 keeps the average an exact copy); from ``stronger_attack.start_epoch`` on, the optional stronger
-    attack (eps, steps) replaces the threat model's training attack."""
+    attack (eps, steps) replaces the threat model's training attack.
+
+    The teacher's BatchNorm mode (docs/faithfulness.md D19): eval, except with ``teacher_bn_first_epoch``
+    ``train`` in the first averaging epoch, and with ``train_and_resume`` also in the first epoch a resumed
+    job trains (``resumed``), as the published code's freshly copied teacher."""
     stronger = hp.get("stronger_attack") or {}
     if stronger.get("enabled") and epoch >= stronger["start_epoch"]:
         threat = threat.replace(eps=stronger["eps"], steps=stronger["steps"])
     active = epoch >= hp["warmup_epoch"]
-    return EpochPlan(threat, reg_active=active, average_decay=hp["decay"] if active else 0.0)
+    mode = hp.get("teacher_bn_first_epoch", "eval")
+    if mode not in TEACHER_BN_FIRST_EPOCH:
+        raise ValueError(f"teacher_bn_first_epoch {mode!r} not in {TEACHER_BN_FIRST_EPOCH}")
+    fresh = epoch == max(hp["warmup_epoch"], 1) or (resumed and mode == "train_and_resume")
+    teacher_bn = "train" if active and fresh and mode != "eval" else "eval"
+    return EpochPlan(threat, reg_active=active, average_decay=hp["decay"] if active else 0.0, average_bn=teacher_bn)
 
 
 def rebat_after_step(model, x: Tensor, hp: Mapping, amp) -> None:
@@ -99,6 +138,8 @@ register(Objective("rebat", "ReBAT (Wang et al.): PGD-AT + weight averaging + KL
                    "+RPAT is RPAT++ (the KL term replaced by the robust-perception KL term)",
                    rebat_attack, rebat_loss, rpat_loss=rpat_plus_plus_loss, uses_teacher=True,
                    epoch_plan=rebat_epoch_plan, after_step=rebat_after_step, display="ReBAT", rpat_display="RPAT++",
+                   mixed_targets=True, choices={"teacher_bn_first_epoch": list(TEACHER_BN_FIRST_EPOCH)},
                    defaults={"beta": 1.0, "decay": 0.999, "warmup_epoch": 106, "attack_bn": "train",
-                             "clean_bn_forward": True,
+                             "clean_bn_forward": True, "final_forward": True, "cutmix_double_forward": True,
+                             "teacher_bn_first_epoch": "eval",
                              "stronger_attack": {"enabled": False, "eps": 10 / 255, "steps": 12, "start_epoch": 101}}))

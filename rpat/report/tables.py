@@ -11,10 +11,12 @@ import math
 from importlib import resources
 from io import StringIO
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
 from rpat import files
+from rpat.cells import Cell, CellError
 from rpat.catalog import catalog
 from rpat.cells import PLAIN
 
@@ -39,18 +41,51 @@ def paper_numbers() -> pd.DataFrame:
     return pd.read_csv(StringIO(text))
 
 
-def collect(eval_files: list[Path]) -> pd.DataFrame:
-    """One row per eval.json: coordinates, every metric, and what was evaluated."""
+RECORD_KEYS = ("cell", "dataset", "model", "norm", "method", "rpat", "seed", "n_examples", "eps", "checkpoint")
+
+
+def _cell_of(path: Path) -> Cell | None:
+    """The cell whose directory holds ``path`` (``.../<dataset>/<model>/<norm>/<method>/seedN/eval.json``)."""
+    try:
+        return Cell.parse("/".join(path.parent.parts[-5:]))
+    except CellError:
+        return None
+
+
+def _checked(path: Path, cell: Cell | None) -> dict:
+    """The eval.json in ``path``, refused (naming the file and the fix) if it is malformed or if its coordinates
+    are not those of ``cell`` (by default the cell whose directory holds it)."""
+    r = files.read_record(path, RECORD_KEYS)
+    try:
+        claimed = Cell.parse(str(r["cell"]))
+    except CellError:
+        raise files.ResultFileError(f"{path}: its cell {r['cell']!r} is not a cell id; delete it and rerun the "
+                                    "evaluation") from None
+    coords = {k: r[k] for k in claimed.coordinates()}
+    expected = cell or _cell_of(path) or claimed
+    if claimed.coordinates() != coords or claimed != expected:
+        shown = ", ".join(f"{k}={v}" for k, v in coords.items())
+        raise files.ResultFileError(f"{path} holds the results of another cell ({shown}; cell {r['cell']}), not "
+                                    f"{expected.id}; it was copied or moved: delete it and rerun `rpat evaluate "
+                                    f"--cell {expected.id}` (snakemake does)")
+    return r
+
+
+def collect(eval_files: Iterable[Path | tuple[Cell, Path]]) -> pd.DataFrame:
+    """One row per eval.json: coordinates, every metric, and what was evaluated. Each item is a path, read as
+    the results of the cell whose directory holds it, or a (cell, path) pair; a malformed file or one holding
+    another cell's results is refused (:class:`rpat.files.ResultFileError`)."""
     cat = catalog()
     csv_order = [m["key"] for m in cat["measurements"] + cat["derived"]]
     rows = []
-    for f in eval_files:
-        r = files.read_json(f)
+    for item in eval_files:
+        cell, f = item if isinstance(item, tuple) else (None, item)
+        r = _checked(Path(f), cell)
         rows.append({"dataset": r["dataset"], "model": r["model"], "norm": r["norm"], "method": r["method"],
                      "recipe": r.get("recipe", PLAIN), "rpat": bool(r["rpat"]), "seed": int(r["seed"]),
                      **{m: r.get(m) for m in csv_order},
                      "n_examples": r["n_examples"], "eps": r["eps"], "checkpoint": r["checkpoint"],
-                     "selected_on": r.get("selection", {}).get("split"), "cell": r["cell"]})
+                     "selected_on": (r.get("selection") or {}).get("split"), "cell": r["cell"]})
     cols = COORDS + ["seed"] + csv_order + ["n_examples", "eps", "checkpoint", "selected_on", "cell"]
     return pd.DataFrame(rows, columns=cols).sort_values(COORDS + ["seed"]).reset_index(drop=True)
 
