@@ -148,7 +148,8 @@ def evaluated_cell(tmp_path_factory):
     training: a model AutoAttack breaks at once, so the test stays fast (a robust one keeps Square busy for minutes)."""
     root = tmp_path_factory.mktemp("cli")
     raw = tiny_config(results_dir=str(root / "results"), tracking={"enabled": False},
-                      data={"batch_size": 32}, train={"epochs": 3}, eval={"n_examples": 16})
+                      data={"batch_size": 32, "train_subset": 512, "val_size": 100}, train={"epochs": 3},
+                      eval={"n_examples": 16, "autoattack": {"enabled": True}})
     raw["grid"] = [{**raw["grid"][0], "method": ["ce"], "rpat": [False]}]
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))

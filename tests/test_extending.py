@@ -43,10 +43,7 @@ def test_a_measurement_is_one_registered_entry(fresh_catalog, monkeypatch, tmp_p
     # the value: FGSM accuracy recomputed here on the same examples
     model, _ = evaluate.load_model(run_dir / "checkpoint-best.pt", "cpu")
     s = cfg.settings(cell)
-    from rpat import data
-
-    x, y = data.load_splits("digits", s.data.options()).test
-    x, y = data.to_float(x[: res["n_examples"]]), y[: res["n_examples"]]
+    x, y, _ = evaluate.evaluated_examples(s)
     x_adv = attacks.pgd(model, x, y, eps=s.threat.eps, step=s.threat.eps, steps=1, norm="linf", init="none")
     expected = 100.0 * float(accuracy.correct(model, x_adv, y).sum()) / len(y)
     assert res["fgsm"] == expected
