@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from rpat import config, objectives, schedules
+from rpat import config, objectives, recipes, schedules
 from rpat.train import setup, train_step
 
 
@@ -35,13 +35,14 @@ def run(cfg_path: list[str], cell_id: str, steps: int, every: int, threads: int 
     while step < steps:
         for x, y in tr.batches:
             epoch = 1 + step // len(tr.batches)
-            plan = tr.objective.epoch_plan(settings.method, settings.threat, epoch)
+            plan = recipes.epoch_plan(tr.objective, settings, epoch)
+            awp = tr.awp if tr.awp is not None and tr.awp.active(epoch) else None
             lr = schedules.lr_at(settings.train.schedule, settings.train.lr, epoch,
                                  (step % len(tr.batches) + 1) / len(tr.batches), settings.train.epochs)
             for group in tr.opt.param_groups:
                 group["lr"] = lr
             _, parts = train_step(tr.objective, tr.fmodel, tr.opt, x, y, plan, settings.method, settings.rpat,
-                                  amp=tr.amp, average=tr.average)
+                                  amp=tr.amp, average=tr.average, awp=awp)
             step += 1
             if step % every == 0 or step == steps:
                 with torch.no_grad():

@@ -47,7 +47,8 @@ def build() -> dict:
         "schedules": list(schedules.SCHEDULES),
         "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat, "display": o.label(False),
                               "rpat_display": o.label(True), "pretrained": o.provide is not None,
-                              "mixed_targets": o.mixed_targets, "choices": o.choices}
+                              "mixed_targets": o.mixed_targets, "choices": o.choices, "uses_teacher": o.uses_teacher,
+                              "supports_awp": o.supports_awp}
                        for name, o in objectives.OBJECTIVES.items()},
         "measurements": [metric(m) for m in evaluate.MEASUREMENTS.values()],
         "derived": [metric(d) for d in evaluate.DERIVED.values()],

@@ -1,9 +1,11 @@
 """A grid cell and where it lives: one pattern, one parser, used by the workflow and the CLI alike.
 
-A cell is one point of a grid block's product dataset x model x norm x method x rpat x seed. Its
+A cell is one point of a grid block's product dataset x model x norm x method x rpat x seed x recipe. Its
 directory under ``<results_dir>/runs`` is :data:`PATTERN` filled with its coordinates, where ``method``
-is the method's label (``trades`` or ``trades+rpat``). The Snakemake rules use :data:`PATTERN` as their
-wildcard pattern and :meth:`Cell.from_wildcards` to read a cell back; the CLI uses :meth:`Cell.parse`.
+is the method's label: the method, ``+rpat`` when RPAT is on, and ``+<recipe>`` unless the recipe is
+``plain`` (``trades``, ``trades+rpat``, ``trades+rpat+ema``), so cells without a recipe keep their paths.
+The Snakemake rules use :data:`PATTERN` as their wildcard pattern and :meth:`Cell.from_wildcards` to read a
+cell back; the CLI uses :meth:`Cell.parse`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from typing import Iterator, Mapping
 from rpat.errors import ConfigError
 
 PATTERN = "{dataset}/{model}/{norm}/{method}/seed{seed}"
-GRID_KEYS = ("dataset", "model", "norm", "method", "rpat", "seed")  # Cell's fields, in order
+GRID_KEYS = ("dataset", "model", "norm", "method", "rpat", "seed", "recipe")  # Cell's fields, in order
+GRID_DEFAULTS = {"recipe": ["plain"]}  # grid keys a block may leave out
 RPAT_SUFFIX = "+rpat"
-_PARSE = re.compile(r"([^/]+)/([^/]+)/([^/]+)/([^/+]+?)(\+rpat)?/seed(\d+)")
+PLAIN = "plain"  # the recipe that changes nothing
+RECIPE_NAME = r"[a-z0-9][a-z0-9_-]*"  # a recipe's name; "rpat" is not one (that suffix means RPAT)
+_PARSE = re.compile(rf"([^/]+)/([^/]+)/([^/]+)/([^/+]+?)(\+rpat)?(?:\+(?!(?:rpat|plain)/)({RECIPE_NAME}))?/seed(\d+)")
 
 
 class CellError(ConfigError):
@@ -34,10 +39,12 @@ class Cell:
     method: str
     rpat: bool
     seed: int
+    recipe: str = PLAIN
 
     @property
     def method_label(self) -> str:
-        return f"{self.method}{RPAT_SUFFIX}" if self.rpat else self.method
+        label = f"{self.method}{RPAT_SUFFIX}" if self.rpat else self.method
+        return label if self.recipe == PLAIN else f"{label}+{self.recipe}"
 
     @property
     def id(self) -> str:
@@ -47,19 +54,19 @@ class Cell:
 
     def tags(self) -> dict[str, str]:
         return {"dataset": self.dataset, "model": self.model, "norm": self.norm, "method": self.method,
-                "rpat": "on" if self.rpat else "off", "seed": str(self.seed), "cell": self.id}
+                "rpat": "on" if self.rpat else "off", "seed": str(self.seed), "recipe": self.recipe, "cell": self.id}
 
     def coordinates(self) -> dict:
         """The grid coordinates with their native types (what result files record)."""
         return {"dataset": self.dataset, "model": self.model, "norm": self.norm, "method": self.method,
-                "rpat": self.rpat, "seed": self.seed}
+                "rpat": self.rpat, "seed": self.seed, "recipe": self.recipe}
 
     @classmethod
     def parse(cls, cell_id: str) -> "Cell":
         m = _PARSE.fullmatch(cell_id.strip("/"))
         if not m:
-            raise CellError(f"cell {cell_id!r} is not of the form dataset/model/norm/method[+rpat]/seedN")
-        return cls(m[1], m[2], m[3], m[4], m[5] is not None, int(m[6]))
+            raise CellError(f"cell {cell_id!r} is not of the form dataset/model/norm/method[+rpat][+recipe]/seedN")
+        return cls(m[1], m[2], m[3], m[4], m[5] is not None, int(m[7]), m[6] or PLAIN)
 
     @classmethod
     def from_wildcards(cls, wildcards: Mapping) -> "Cell":
@@ -74,4 +81,5 @@ def run_dir(results_dir: str | Path, cell: Cell) -> Path:
 
 def block_cells(block: dict) -> Iterator[Cell]:
     """The cells of one grid block: the product of its coordinate lists."""
-    return (Cell(*combo) for combo in itertools.product(*(block[k] for k in GRID_KEYS)))
+    axes = (block.get(k, GRID_DEFAULTS.get(k)) for k in GRID_KEYS)
+    return (Cell(*combo) for combo in itertools.product(*axes))

@@ -1,9 +1,11 @@
 """Configuration: load YAML safely, validate it, expand the grid into cells, resolve each cell's settings.
 
-A config has hyperparameter *sections* (data, threat, train, methods, rpat, eval, resources) and a
-``grid``: a list of blocks, each a product dataset x model x norm x method x rpat x seed with an
-optional ``set`` of section overrides. A *cell* is one point of that product; its settings are
-``DEFAULTS <- config sections <- block.set``, resolved once into :class:`rpat.settings.CellSettings`.
+A config has hyperparameter *sections* (data, threat, train, methods, rpat, eval, resources), named
+``recipes`` (each a set of section overrides, docs/recipes.md) and a ``grid``: a list of blocks, each a
+product dataset x model x norm x method x rpat x seed x recipe (``recipe`` defaults to ``[plain]``, no
+overrides) with an optional ``set`` of section overrides. A *cell* is one point of that product; its settings
+are ``DEFAULTS <- config sections <- block.set <- recipes[recipe]``, resolved once into
+:class:`rpat.settings.CellSettings`.
 Fractions such as ``"8/255"`` are accepted wherever a number is expected.
 """
 
@@ -19,8 +21,9 @@ from typing import Any, Iterable
 import yaml
 
 from rpat import settings as S
-from rpat.cells import Cell, CellError, block_cells, run_dir
+from rpat.cells import PLAIN, Cell, CellError, block_cells, run_dir
 from rpat.errors import ConfigError
+from rpat.recipes import recipe_problems
 from rpat.schema import SECTIONS, problems
 
 __all__ = ["Cell", "Config", "ConfigError", "DEFAULTS", "SECTIONS", "block_cells", "deep_merge", "from_dict", "load"]
@@ -172,6 +175,10 @@ class Config:
     def blocks(self) -> list[dict]:
         return self.raw["grid"]
 
+    def recipes(self) -> dict:
+        """The named recipes (section overrides); ``plain`` overrides nothing."""
+        return {PLAIN: {}, **self.raw.get("recipes", {})}
+
     def cells(self) -> list[Cell]:
         """Every cell of every block, in grid order, without duplicates."""
         return list(self._owner)
@@ -198,6 +205,7 @@ class Config:
         base = {k: v for k, v in self.raw.items() if k in SECTIONS}
         resolved = deep_merge({k: DEFAULTS[k] for k in SECTIONS}, base)
         resolved = deep_merge(resolved, self.block_of(cell).get("set", {}))
+        resolved = deep_merge(resolved, self.recipes()[cell.recipe])
         resolved["cell"] = {**cell.tags(), "rpat": cell.rpat, "seed": cell.seed}
         resolved["experiment"] = self.experiment
         return resolved
@@ -219,7 +227,11 @@ def _check_semantics(cfg: Config) -> None:
 
     cat = catalog()
     objectives = cat["objectives"]
-    problems_ = []
+    problems_ = [f"grid[{i}].recipe: {r!r} is not defined; define it under `recipes:` (defined: "
+                 f"{', '.join(cfg.recipes())})" for i, b in enumerate(cfg.blocks()) for r in b.get("recipe", [])
+                 if r not in cfg.recipes()]
+    if problems_:
+        raise invalid(problems_)
     for i, block in enumerate(cfg.blocks()):
         for method in block["method"]:
             if True in block["rpat"] and not objectives[method]["supports_rpat"]:
@@ -244,6 +256,7 @@ def _check_semantics(cfg: Config) -> None:
             problems_.append(f"cell {cell.id}: data.cutmix.enabled is on, but method {cell.method!r} needs integer "
                              f"labels (CutMix mixes them); CutMix works with: {mixing}; set data.cutmix.enabled: "
                              "false in this block's `set`")
+        problems_ += recipe_problems(s, objectives)
     if problems_:
         raise invalid(problems_)
 

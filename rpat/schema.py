@@ -50,6 +50,7 @@ def schema() -> dict:
                        ("norm", cat["norms"]), ("method", sorted(cat["objectives"]))):
         block[key] = {**block[key], "items": _enum(names)}
     block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
+    s["properties"]["recipes"]["additionalProperties"]["properties"] = dict(block["set"]["properties"])
     sections = s["$defs"]["sections"]
     sections["data"]["properties"]["augment"] = _enum(sorted(cat["augmentations"]))
     for section in ("data", "eval"):
@@ -75,6 +76,8 @@ def _describe(error) -> str:
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         return f"unknown key {', '.join(map(repr, extra))} in {key}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "not" and "enum" in error.validator_value:
+        return f"{key}: {error.instance!r} is reserved; reserved names: {', '.join(error.validator_value['enum'])}"
     if error.validator == "enum":
         return f"{key}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
     return f"{key}: {error.message}"

@@ -60,10 +60,37 @@ class DataSettings:
     cutmix: CutMixSettings = field(default_factory=CutMixSettings)
     batch_size: int = 128
     eval_batch_size: int = 500
+    # Extra (e.g. diffusion-generated) training images: an .npz with 'image' uint8 [N, H, W, C] and 'label' [N];
+    # each training batch draws round-down(extra_fraction x batch_size) of its examples from it (rpat/data/extra.py).
+    extra: str | None = None
+    extra_fraction: float = 0.7
 
     def options(self) -> dict:
         """The plain dict the data set loaders read."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class WeightAverageSettings:
+    """``train.weight_average`` (rpat/averaging.py, docs/recipes.md): ``kind`` none, ema or swa. EMA: per-step
+    ``decay``, a copy of the model for the first ``warmup_epochs`` epochs, then the decay ``ramp``
+    min(decay, (1+t)/(10+t)); SWA: the equal-weight mean of every step's model from epoch ``swa_start`` on."""
+
+    kind: str = "none"
+    decay: float = 0.999
+    warmup_epochs: int = 0
+    ramp: bool = True
+    swa_start: int = 101
+
+
+@dataclass(frozen=True)
+class AwpSettings:
+    """``train.awp`` (rpat/awp.py): adversarial weight perturbation of relative size ``gamma``, from epoch
+    ``warmup`` + 1 on (TRADES-AWP's published defaults: gamma 5e-3, AWP from epoch 10)."""
+
+    enabled: bool = False
+    gamma: float = 5e-3
+    warmup: int = 9
 
 
 @dataclass(frozen=True)
@@ -80,6 +107,9 @@ class TrainSettings:
     precision: str = "float32"
     channels_last: bool = False
     compile: bool = False
+    weight_average: WeightAverageSettings = field(default_factory=WeightAverageSettings)
+    awp: AwpSettings = field(default_factory=AwpSettings)
+    eps_warmup_epochs: int = 0  # train with eps * min(1, epoch / eps_warmup_epochs) (rpat/recipes.py)
 
 
 @dataclass(frozen=True)
@@ -128,6 +158,23 @@ RESOURCE_DEFAULTS = {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
 SPEED_ONLY = ("device", "threads")
 # Evaluation keys that change how the work is split or which checkpoints are evaluated, not any outcome.
 EVAL_LAYOUT_ONLY = ("shards", "checkpoints")
+
+
+def _recipes_off(data: dict, train: dict, cell: dict) -> tuple[dict, dict, dict]:
+    """The training recipes left out of the fingerprint while they are off, so cells trained before they
+    existed keep their fingerprints (and are not retrained)."""
+    train = {k: v for k, v in train.items() if k not in SPEED_ONLY}
+    if train.get("weight_average", {}).get("kind") == "none":
+        del train["weight_average"]
+    if not train.get("awp", {}).get("enabled", True):
+        del train["awp"]
+    if train.get("eps_warmup_epochs") == 0:
+        del train["eps_warmup_epochs"]
+    if data.get("extra") is None:
+        data = {k: v for k, v in data.items() if k not in ("extra", "extra_fraction")}
+    if cell.get("recipe") == "plain":
+        cell = {k: v for k, v in cell.items() if k != "recipe"}
+    return data, train, cell
 
 
 def defaults_of(cls) -> dict:
@@ -189,10 +236,11 @@ class CellSettings:
         cell, what determines its weights and the evaluation's data and threat, but not the training recipe, so
         changing it for the grid's other cells does not re-evaluate zoo models."""
         r = self.resolved
-        keys = {"cell": r["cell"], "data": r["data"], "threat": r["threat"][self.cell.norm],
+        data, train, cell = _recipes_off(r["data"], r["train"], r["cell"])
+        keys = {"cell": cell, "data": data, "threat": r["threat"][self.cell.norm],
                 "method": r["methods"].get(self.cell.method, {})}
         if not self.pretrained:
-            keys["train"] = {k: v for k, v in r["train"].items() if k not in SPEED_ONLY}
+            keys["train"] = train
         if self.cell.rpat:
             keys["rpat"] = r["rpat"]
         return keys

@@ -1,10 +1,12 @@
 """The training loop: one grid cell -> checkpoints + train.json (+ an MLflow run).
 
-Per epoch: the objective plans the epoch (attack, regulariser, weight-average decay); per batch an
-attack, the objective's loss (+ RPAT), an SGD step with the learning rate from ``rpat.schedules`` and
-the objective's after-step hook; then validation (clean and PGD accuracy on the held-out split)
-decides the best checkpoint. The loop names no method: what differs between methods lives on the
-objective (rpat/objectives/).
+Per epoch: the objective plans the epoch (attack, regulariser, weight-average decay) and the recipes adjust
+the plan (rpat/recipes.py: ε ramp-up, ``train.weight_average``); per batch an attack, AWP's weight
+perturbation if on (rpat/awp.py), the objective's loss (+ RPAT), an SGD step with the learning rate from
+``rpat.schedules``, the perturbation's removal, the objective's after-step hook and the weight-average
+update; then validation (clean and PGD accuracy on the held-out split) of the selected model (the weight
+average when there is one) decides the best checkpoint. The loop names no method: what differs between
+methods lives on the objective (rpat/objectives/).
 
 The training state (:class:`TrainingState`) is saved atomically after every epoch under
 ``<out>/state/``, and an interrupted job resumes from it (model, optimizer, weight average, RNG states,
@@ -32,8 +34,9 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from rpat import accuracy, checkpoint, data, files, models, objectives, runtime, schedules
-from rpat.averaging import WeightAverage
+from rpat import accuracy, checkpoint, data, files, models, objectives, recipes, runtime, schedules
+from rpat.averaging import WeightAverage, averaged_state
+from rpat.awp import WeightPerturbation
 from rpat.cells import Cell
 from rpat.errors import UserError
 from rpat.objectives import EpochPlan, Objective
@@ -64,17 +67,25 @@ def _progress(iterable, total: int, desc: str):
 
 
 def train_step(objective: Objective, model, opt, x, y, plan: EpochPlan, hp: Mapping, rpat: RpatSettings | None, *,
-               amp=None, average: WeightAverage | None = None):
-    """One optimisation step: attack, loss (+ RPAT), backward, SGD, the objective's after-step hook, and the
-    weight-average update (with the epoch plan's decay)."""
+               amp=None, average: WeightAverage | None = None, awp: WeightPerturbation | None = None):
+    """One optimisation step: attack, AWP's perturbation (if given), loss (+ RPAT), backward, SGD, the
+    perturbation removed, the objective's after-step hook, and the weight-average update (with the epoch
+    plan's decay)."""
     amp = amp if amp is not None else contextlib.nullcontext()
     with amp:
         x_adv = objective.attack(model, x, y, plan.threat, hp)
+    if awp is not None:
+        v = awp.direction(x, y, x_adv, {**objective.defaults, **hp}, objectives.StepContext(reg_active=plan.reg_active),
+                          amp)
+        awp.perturb(v)
+    with amp:
         loss, parts = objectives.compute_loss(objective, model, x, y, x_adv, hp, rpat, teacher=average,
                                               reg_active=plan.reg_active)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    if awp is not None:
+        awp.restore(v)
     if objective.after_step is not None:
         objective.after_step(model, x, hp, amp)
     if average is not None:
@@ -98,6 +109,7 @@ class Trainer:
     val_batches: data.Batches
     amp: object
     shuffle: torch.Generator
+    awp: WeightPerturbation | None = None
 
     @property
     def selected(self) -> torch.nn.Module:
@@ -122,18 +134,19 @@ def setup(settings: CellSettings, threads: int | None = None) -> Trainer:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    # The weight average, for objectives whose loss uses it; each epoch's plan sets its BatchNorm mode
-    # (eval unless a method asks otherwise, docs/faithfulness.md D19).
-    average = WeightAverage(model).to(device).eval() if objective.uses_teacher else None
+    # The weight average (the teacher of objectives whose loss uses it, else train.weight_average); each epoch's
+    # plan sets its BatchNorm mode (eval unless a method asks otherwise, docs/faithfulness.md D19).
+    wa = t.weight_average
+    average = WeightAverage(model, recipes.average_rule(wa)).to(device).eval() \
+        if objective.uses_teacher or wa.kind != "none" else None
+    awp = WeightPerturbation(model, objective.loss, t.awp.gamma, t.awp.warmup) if t.awp.enabled else None
     shuffle = torch.Generator().manual_seed(cell.seed)
     d = settings.data
-    mix = data.CutMix(splits.num_classes, d.cutmix.alpha, d.cutmix.beta) if d.cutmix.enabled else None
-    batches = data.Batches(*splits.train, d.batch_size, shuffle=True, augment=data.AUGMENTATIONS[d.augment],
-                           views=objective.views, device=device, generator=shuffle, mix=mix)
+    batches = data.training_batches(splits, d, views=objective.views, device=device, generator=shuffle)
     val_batches = data.Batches(*(splits.test if t.select == "test" else splits.val), d.eval_batch_size, device=device)
     fmodel = torch.compile(model) if t.compile else model
     return Trainer(settings, objective, device, splits, model, fmodel, opt, average, batches, val_batches,
-                   precision_context(t.precision, device), shuffle)
+                   precision_context(t.precision, device), shuffle, awp)
 
 
 @dataclass
@@ -157,7 +170,7 @@ class TrainingState:
 
     def save(self, tr: Trainer, partial: dict | None = None) -> None:
         checkpoint.save({"model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(), "epoch": self.epoch,
-                         "average": tr.average.module.state_dict() if tr.average is not None else None,
+                         "average": tr.average.state_dict() if tr.average is not None else None,
                          "fingerprint": self.fingerprint, "rng": runtime.rng_state(),
                          "shuffle_rng": tr.shuffle.get_state(), "history": self.history, "best": self.best,
                          "run_id": self.run_id, "partial": partial, "wall_s": self.wall_s}, self.path)
@@ -177,7 +190,7 @@ class TrainingState:
         fix = f"the data or model changed since it was written: delete {path.parent} to restart this cell from scratch"
         checkpoint.load_weights(tr.model, state["model"], path, fix)
         if tr.average is not None:
-            checkpoint.load_weights(tr.average.module, state["average"], path, fix)
+            checkpoint.load_weights(tr.average, averaged_state(state["average"]), path, fix)
         tr.opt.load_state_dict(state["optimizer"])
         tr.shuffle.set_state(state["shuffle_rng"])
         runtime.set_rng_state(state["rng"])
@@ -196,7 +209,8 @@ def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, 
     t_epoch = time.time()
     tr.model.train()
     rpat = s.rpat if (s.rpat is not None and epoch >= s.rpat.start_epoch) else None
-    plan = tr.objective.epoch_plan(s.method, s.threat, epoch, resumed=resumed)
+    plan = recipes.epoch_plan(tr.objective, s, epoch, resumed=resumed)
+    awp = tr.awp if tr.awp is not None and tr.awp.active(epoch) else None
     if tr.average is not None:
         tr.average.train(plan.average_bn == "train")
     n_batches = len(tr.batches)
@@ -215,7 +229,7 @@ def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, 
         for group in tr.opt.param_groups:
             group["lr"] = lr
         loss, parts = train_step(tr.objective, tr.fmodel, tr.opt, x, y, plan, s.method, rpat, amp=tr.amp,
-                                 average=tr.average)
+                                 average=tr.average, awp=awp)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_ids[step], bad_step)
@@ -228,7 +242,7 @@ def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, 
         raise NonFiniteLoss(f"{s.cell.id}: non-finite loss at epoch {epoch}, step {int(bad_step)}; the last good "
                             f"state (epoch {epoch - 1}) is in {state.path.parent}; lower train.lr or check the "
                             "data, then rerun")
-    n_train = len(tr.batches.y) * tr.objective.views
+    n_train = tr.batches.examples * tr.objective.views
     record = {"epoch": epoch, "lr": lr}
     record.update({f"loss_{k}": float(v) / n_train for k, v in sums.items()})
     record["t_epoch"] = t_epoch

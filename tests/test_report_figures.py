@@ -63,7 +63,7 @@ def test_figures_without_perception_results_say_so(tmp_path):
 
 
 def agg_two_methods(clean=(80.0, 80.0), aa=(40.0, 40.0)):
-    rows = [{"dataset": "d", "model": "m", "norm": "linf", "method": meth, "rpat": False, "clean_mean": c,
+    rows = [{"dataset": "d", "model": "m", "norm": "linf", "method": meth, "recipe": "plain", "rpat": False, "clean_mean": c,
              "aa_mean": a} for meth, c, a in zip(("pgd_at", "trades"), clean, aa)]
     return pd.DataFrame(rows)
 
@@ -95,7 +95,7 @@ def test_tradeoff_never_hides_a_point_under_another():
 
 
 def test_tradeoff_draws_the_cells_intervals():
-    intervals = pd.DataFrame([{"dataset": "d", "model": "m", "norm": "linf", "method": "pgd_at", "rpat": False,
+    intervals = pd.DataFrame([{"dataset": "d", "model": "m", "norm": "linf", "method": "pgd_at", "recipe": "plain", "rpat": False,
                                "clean_lo": 75.0, "clean_hi": 86.0, "aa_lo": 33.0, "aa_hi": 45.0}])
     fig = plots.tradeoff_figure(agg_two_methods(clean=(80.0, 60.0)), "t", intervals)
     segments = [s for c in fig.axes[0].collections if hasattr(c, "get_segments") for s in c.get_segments()]

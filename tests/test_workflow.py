@@ -184,3 +184,46 @@ def test_killed_snakemake_run_resumes_training_instead_of_restarting(tmp_path):
     train = json.loads((state.parent.parent / "train.json").read_text())
     assert [h["epoch"] for h in train["history"]] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "results" / "tables" / "summary.csv").exists()
+
+
+def test_dry_run_plans_the_recipes_and_svhn_grids(tmp_path):
+    out = snakemake("-n", "--configfile", str(ROOT / "config" / "recipes.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    # PGD-AT and TRADES x RPAT off/on x {plain, ema, awp}; CIFAR-10 prepared once
+    assert job_counts(out.stdout) == {"prepare_data": 1, "train": 12, "evaluate": 12, "perceive": 12,
+                                      "report": 1, "all": 1}
+    assert "cifar10/preact_resnet18/linf/trades+rpat+awp/seed0/train.json" in out.stdout
+    assert "cifar10/preact_resnet18/linf/pgd_at/seed0/train.json" in out.stdout
+    out = snakemake("-n", "--configfile", str(ROOT / "config" / "svhn.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert job_counts(out.stdout) == {"prepare_data": 1, "train": 8, "evaluate": 8, "perceive": 8, "report": 1,
+                                      "all": 1}
+    out = snakemake("-n", "--configfile", str(ROOT / "config" / "recipes-digits.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert job_counts(out.stdout) == {"train": 12, "evaluate": 12, "perceive": 12, "report": 1,
+                                      "all": 1}  # digits: nothing to prepare
+
+
+@pytest.mark.slow
+def test_recipes_digits_grid_end_to_end(tmp_path):
+    """config/recipes-digits.yaml through the real workflow, its TRADES half (6 cells: a job spends most of its
+    ~10 s starting up; the PGD-AT half adds nothing new), MLflow off (test_tiny_grid_end_to_end covers it): the
+    recipe is a table column."""
+    overlay = yaml.safe_load((ROOT / "config" / "recipes-digits.yaml").read_text())["grid"]
+    overlay[0]["method"] = ["trades"]
+    (tmp_path / "half.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": False}, "grid": overlay}))
+    t0 = time.perf_counter()
+    out = snakemake("--cores", "2", "--configfile", str(ROOT / "config" / "recipes-digits.yaml"),
+                    str(tmp_path / "half.yaml"), cwd=tmp_path)
+    seconds = time.perf_counter() - t0
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = tmp_path / "results" / "recipes_digits"
+    summary = pd.read_csv(results / "tables" / "summary.csv")
+    assert len(summary) == 6 and sorted(set(summary.recipe)) == ["awp", "ema", "plain"]
+    assert "digits/cnn/linf/trades+rpat+ema/seed0" in set(summary.cell)
+    md = (results / "tables" / "summary.md").read_text()
+    assert re.search(r"^\| Method +\| Recipe +\|", md, re.M)
+    assert re.search(r"^\| TRADES\+RPAT +\| awp +\|", md, re.M) and re.search(r"^\| Δ +\| ema +\|", md, re.M)
+    train = json.loads((results / "runs" / "digits/cnn/linf/trades+awp/seed0" / "train.json").read_text())
+    assert train["settings"]["train"]["awp"]["enabled"] is True and train["recipe"] == "awp"
+    print(f"the recipes digits grid took {seconds:.0f} s")

@@ -9,15 +9,15 @@ A dataset is one :func:`register` entry: a loader ``load(options) -> Loaded`` pl
 module of this package named after it. The validation split is carved out of the training set here,
 for every dataset the same way.
 
-Registered datasets: ``digits`` (offline demo), ``cifar10``, ``cifar100``, ``tinyimagenet`` and
+Registered datasets: ``digits`` (offline demo), ``cifar10``, ``cifar100``, ``svhn``, ``tinyimagenet`` and
 ``imagefolder`` (any ``train/<class>/`` + ``test/<class>/`` tree). Image folders are decoded once with
 PIL and cached as a ``.pt`` file under ``<dataset root>/.rpat-cache/`` (see
 :func:`rpat.data.folders.decode_imagefolder`).
 
-Modules: ``digits``, ``cifar``, ``tinyimagenet``, ``imagefolder`` (one per data source), ``folders``
+Modules: ``digits``, ``cifar``, ``svhn``, ``tinyimagenet``, ``imagefolder`` (one per data source), ``folders``
 (image-folder decoding and its cache), ``subsets`` (seeded permutations and representative subsets,
 also of the test set for evaluation: :func:`eval_subset`), ``augment`` (batch augmentations),
-``batches`` (the loader).
+``batches`` (the loader), ``extra`` (extra training data mixed into every batch: ``data.extra``).
 
 Keys of the run's ``data`` config section read here:
 
@@ -186,6 +186,7 @@ from rpat.data.digits import DIGITS_SPLIT_SEED, DIGITS_TEST_SIZE, load_digits  #
 from rpat.data.cifar import (  # noqa: E402
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar10, load_cifar100,
 )
+from rpat.data.svhn import SVHN_MEAN, SVHN_STD, load_svhn  # noqa: E402
 from rpat.data.tinyimagenet import (  # noqa: E402
     TINYIMAGENET_MD5, TINYIMAGENET_MEAN, TINYIMAGENET_STD, TINYIMAGENET_URL, load_tinyimagenet, prepare_tinyimagenet,
 )
@@ -194,13 +195,15 @@ from rpat.data.folders import CACHE_DIRNAME, IMG_EXTENSIONS, decode_imagefolder 
 from rpat.data.augment import (AUGMENTATIONS, Augment, CutMix, autoaugment_cutout, cutout,  # noqa: E402
                                random_crop_flip)
 from rpat.data.batches import Batches, to_float  # noqa: E402
+from rpat.data.extra import MixedBatches, load_extra, training_batches  # noqa: E402
 
 __all__ = [
     "AUGMENTATIONS", "Augment", "Batches", "CACHE_DIRNAME", "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN",
-    "CIFAR10_STD", "CutMix", "DATASETS", "DIGITS_SPLIT_SEED", "DIGITS_TEST_SIZE", "DatasetSpec", "IMG_EXTENSIONS", "Loaded",
-    "SUBSETS", "Splits", "TINYIMAGENET_MD5", "TINYIMAGENET_MEAN", "TINYIMAGENET_STD", "TINYIMAGENET_URL",
-    "autoaugment_cutout", "cutout", "dataset_info", "dataset_root", "decode_imagefolder", "draw_subset",
-    "eval_subset", "first_n", "load_cifar10", "load_cifar100", "load_digits", "load_imagefolder", "load_splits",
-    "load_tinyimagenet", "prepare", "prepare_tinyimagenet", "random_crop_flip", "register", "seeded_permutation",
-    "stratified_subset", "to_float",
+    "CIFAR10_STD", "CutMix", "DATASETS", "DIGITS_SPLIT_SEED", "DIGITS_TEST_SIZE", "DatasetSpec", "IMG_EXTENSIONS",
+    "Loaded", "MixedBatches", "SUBSETS", "SVHN_MEAN", "SVHN_STD", "Splits", "TINYIMAGENET_MD5", "TINYIMAGENET_MEAN",
+    "TINYIMAGENET_STD", "TINYIMAGENET_URL", "autoaugment_cutout", "cutout", "dataset_info", "dataset_root",
+    "decode_imagefolder", "draw_subset", "eval_subset", "first_n", "load_cifar10", "load_cifar100", "load_digits",
+    "load_extra", "load_imagefolder", "load_splits", "load_svhn", "load_tinyimagenet", "prepare",
+    "prepare_tinyimagenet", "random_crop_flip", "register", "seeded_permutation", "stratified_subset", "to_float",
+    "training_batches",
 ]

@@ -53,6 +53,15 @@ class Batches:
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
 
+    @property
+    def examples(self) -> int:
+        """Examples in one epoch (before views)."""
+        return len(self.y)
+
+    def take(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images (float) and labels at ``idx``."""
+        return to_float(self.x[idx]), self.y[idx]
+
     def new_order(self) -> torch.Tensor | None:
         """This epoch's example order (None: sequential); drawn from ``generator``."""
         return torch.randperm(len(self.y), generator=self.generator) if self.shuffle else None
@@ -62,12 +71,12 @@ class Batches:
 
     def iterate(self, order: torch.Tensor | None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start, start+1, ...`` of an epoch with example ``order`` (resume mid-epoch)."""
-        n = len(self.y)
+        n = len(order) if order is not None else len(self.y)
         order = order.to(self.x.device) if order is not None else None
         for b in range(start, len(self)):
             sl = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
             idx = order[sl] if order is not None else sl
-            xb, yb = to_float(self.x[idx]), self.y[idx]
+            xb, yb = self.take(idx)
             if self.views == 1:
                 xb = self.augment(xb, self.generator) if self.augment else xb
                 yield self.mix(xb, yb, self.generator) if self.mix else (xb, yb)

@@ -83,6 +83,9 @@ class Objective:
     # rpat_loss(model, x, y, x_adv, hp, ctx, rpat) -> LossOut (RPAT++ replaces ReBAT's regulariser).
     rpat_loss: Callable[..., LossOut] | None = None
     uses_teacher: bool = False  # the loss needs a weight-averaged model (StepContext.teacher)
+    # AWP (train.awp, rpat/awp.py) may perturb the weights against this objective's own ``loss`` (without
+    # RPAT): adversarial training losses only, whose value depends on the model alone (no teacher).
+    supports_awp: bool = False
     # Validation metric that picks the best checkpoint: 'pgd' (robust accuracy) for adversarial
     # training, 'clean' for standard and noise training, whose robust accuracy is ~0 throughout.
     select_on: str = "pgd"
@@ -188,7 +191,7 @@ def objective_info() -> list[dict]:
          "supports_rpat": o.supports_rpat, "rpat_display": o.label(True) if o.supports_rpat else None,
          "rpat_variant": "replaces the regulariser (RPAT++)" if o.rpat_loss else
          ("adds lambda * MSE term" if o.supports_rpat else None),
-         "views": o.views, "uses_teacher": o.uses_teacher}
+         "views": o.views, "uses_teacher": o.uses_teacher, "supports_awp": o.supports_awp}
         for o in OBJECTIVES.values()
     ]
 

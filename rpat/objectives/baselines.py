@@ -130,11 +130,11 @@ register(Objective("ce", "standard training: CE on clean inputs (no attack)", no
 register(Objective("noise", "CE on clip(x + U[-eps, eps]) (the paper's perception analysis)", noise_attack,
                    adversarial_ce_loss, select_on="clean", display="Noise"))
 register(Objective("pgd_at", "PGD-AT (Madry et al.): CE on PGD examples", pgd_attack, adversarial_ce_loss,
-                   display="PGD-AT"))
+                   supports_awp=True, display="PGD-AT"))
 register(Objective("trades", "TRADES (Zhang et al.): CE + beta KL(clean || adv)", trades_attack, trades_loss,
-                   defaults={"beta": 6.0, "second_clean_forward": True}, display="TRADES"))
+                   defaults={"beta": 6.0, "second_clean_forward": True}, supports_awp=True, display="TRADES"))
 register(Objective("mart", "MART (Wang et al.): boosted CE + beta misclassification-aware KL", mart_attack, mart_loss,
-                   defaults={"beta": 6.0}, display="MART"))
+                   defaults={"beta": 6.0}, supports_awp=True, display="MART"))
 register(Objective("consistency", "Consistency-AT (Tack et al.): PGD-AT on two views + JS consistency",
                    pgd_attack, consistency_loss, defaults={"weight": 1.0, "temperature": 0.5}, views=2,
-                   display="Consistency-AT"))
+                   supports_awp=True, display="Consistency-AT"))

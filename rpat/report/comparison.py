@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 
 from rpat import files
+from rpat.cells import PLAIN
 from rpat.catalog import catalog
 
 N_BOOT = 10000
 BOOT_SEED = 0
 LEVEL = 0.95
-PAIR = ["dataset", "model", "norm", "method"]
+PAIR = ["dataset", "model", "norm", "method", "recipe"]
 COLUMNS = PAIR + ["metric", "kind", "delta", "lo", "hi", "excludes_zero", "p", "p_seeds", "mcnemar_b", "mcnemar_c",
                   "n", "seeds", "seed_list", "mean_baseline", "mean_treated"]
 
@@ -78,8 +79,8 @@ def _indexed(path: Path, expected_digest: str | None, keys) -> dict:
 def load_cell(eval_path: Path) -> CellValues:
     """A cell's per-example values from the files beside its eval.json (those that exist)."""
     ev = files.read_json(eval_path)
-    coords = {k: ev[k] for k in ("dataset", "model", "norm", "method")} | {"rpat": bool(ev["rpat"]),
-                                                                          "seed": int(ev["seed"])}
+    coords = {k: ev[k] for k in ("dataset", "model", "norm", "method")} | {
+        "recipe": ev.get("recipe", PLAIN), "rpat": bool(ev["rpat"]), "seed": int(ev["seed"])}
     cell = CellValues(coords, (ev.get("examples") or {}).get("digest"))
     outcomes_path = eval_path.parent / ev.get("outcomes", "outcomes.npz")
     if outcomes_path.is_file():

@@ -16,6 +16,7 @@ import pandas as pd
 
 from rpat import files
 from rpat.report.plots import pyplot, save
+from rpat.cells import PLAIN
 from rpat.report.tables import COORDS, method_label
 
 PERTURBATIONS = {"noise": "uniform noise in the ε-ball", "pgd20": "PGD-20"}
@@ -63,7 +64,9 @@ def _by_coords(records: list[dict]) -> pd.DataFrame:
     rows = []
     for r in records:
         path = r["path"]
-        row = {k: r[k] for k in COORDS} | {"label": method_label(r["method"], r["rpat"]),
+        row = {k: r.get(k, PLAIN) if k == "recipe" else r[k] for k in COORDS} | {
+                                            "label": method_label(r["method"], r["rpat"]) + (
+                                                "" if r.get("recipe", PLAIN) == PLAIN else f"+{r['recipe']}"),
                                             "per_alpha": np.asarray(path["per_alpha"], dtype=float),
                                             "alphas": tuple(path["alphas"]),
                                             "nonlinearity": _float(path["nonlinearity"])}
@@ -139,16 +142,17 @@ def path_figure(records: list[dict], path: Path, title: str) -> list[Path]:
     if not records:
         return _empty(path, "run `rpat perceive` (the workflow's perceive jobs) for the path figure")
     agg = _by_coords(records)
-    panels = list(agg.groupby(["dataset", "model", "norm", "method"], sort=True))
+    panels = list(agg.groupby(["dataset", "model", "norm", "method", "recipe"], sort=True))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     plt = pyplot()
     fig, axes = plt.subplots(rows, cols, squeeze=False, dpi=120, figsize=(3.6 * cols + 0.4, 3.0 * rows + 0.6))
-    for ax, ((dataset, model, norm, method), grp) in zip(axes.ravel(), panels):
+    for ax, ((dataset, model, norm, method, recipe), grp) in zip(axes.ravel(), panels):
         for r in grp.sort_values("rpat").itertuples():
             ax.plot(r.alphas, r.per_alpha, "--*" if r.rpat else "-o", ms=4,
                     label=f"{r.label}: {r.nonlinearity:.3g}" + (f" ({r.seeds} seeds)" if r.seeds > 1 else ""))
-        ax.set_title(f"{dataset}/{model}/{norm}: {method_label(method, False)}", fontsize=9)
+        name = method_label(method, False) + ("" if recipe == PLAIN else f"+{recipe}")
+        ax.set_title(f"{dataset}/{model}/{norm}: {name}", fontsize=9)
         ax.set_xlabel("α  (x + α(x' − x), x' = PGD-20)", fontsize=8)
         ax.set_ylabel("MSE to the straight line", fontsize=8)
         ax.grid(alpha=0.3)

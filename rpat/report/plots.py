@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from rpat import files
+from rpat.cells import PLAIN
 
 # Points closer than this fraction of the axis range (on both axes) would overlap: they are spread apart.
 OVERLAP = 0.01
@@ -63,7 +64,7 @@ def _interval(intervals: pd.DataFrame | None, row, metric: str) -> tuple[float, 
     """(minus, plus) error-bar lengths from the cell's bootstrap interval, (0, 0) without one."""
     if intervals is None or not len(intervals):
         return 0.0, 0.0
-    keys = ["dataset", "model", "norm", "method", "rpat"]
+    keys = ["dataset", "model", "norm", "method", "recipe", "rpat"]
     hit = intervals[(intervals[keys] == pd.Series({k: getattr(row, k) for k in keys})).all(axis=1)]
     if not len(hit) or pd.isna(hit.iloc[0][f"{metric}_lo"]):
         return 0.0, 0.0
@@ -75,10 +76,12 @@ def _points(agg: pd.DataFrame, intervals: pd.DataFrame | None) -> list[dict]:
     plt = pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     points = []
-    for i, ((dataset, model, norm, method), grp) in enumerate(agg.groupby(["dataset", "model", "norm", "method"])):
+    groups = agg.groupby(["dataset", "model", "norm", "method", "recipe"])
+    for i, ((dataset, model, norm, method, recipe), grp) in enumerate(groups):
         has_baseline = not grp.rpat.all()
+        name = method if recipe == PLAIN else f"{method}+{recipe}"
         for r in grp.itertuples():  # one legend entry per method: the baseline's, else the +RPAT run's
-            label = None if r.rpat and has_baseline else f"{method} ({dataset}/{model}/{norm})" + (
+            label = None if r.rpat and has_baseline else f"{name} ({dataset}/{model}/{norm})" + (
                 " +RPAT" if r.rpat else "")
             points.append({"x": r.clean_mean, "y": r.aa_mean, "xerr": _interval(intervals, r, "clean"),
                            "yerr": _interval(intervals, r, "aa"), "color": colors[i % len(colors)],

@@ -18,8 +18,9 @@ import pandas as pd
 from rpat import files
 from rpat.cells import Cell, CellError
 from rpat.catalog import catalog
+from rpat.cells import PLAIN
 
-COORDS = ["dataset", "model", "norm", "method", "rpat"]
+COORDS = ["dataset", "model", "norm", "method", "recipe", "rpat"]
 GROUP = ["dataset", "model", "norm"]
 PAPER_METRICS = ("clean", "aa", "mean", "nrr")
 
@@ -92,7 +93,8 @@ def collect(eval_files: Iterable[Path | tuple[Cell, Path]]) -> pd.DataFrame:
         cell, f = item if isinstance(item, tuple) else (None, item)
         r = _checked(Path(f), cell)
         rows.append({"dataset": r["dataset"], "model": r["model"], "norm": r["norm"], "method": r["method"],
-                     "rpat": bool(r["rpat"]), "seed": int(r["seed"]), **{m: r.get(m) for m in csv_order},
+                     "recipe": r.get("recipe", PLAIN), "rpat": bool(r["rpat"]), "seed": int(r["seed"]),
+                     **{m: r.get(m) for m in csv_order},
                      "n_examples": r["n_examples"], "eps": r["eps"], "checkpoint": r["checkpoint"],
                      "selected_on": (r.get("selection") or {}).get("split"), "cell": r["cell"]})
     cols = COORDS + ["seed"] + csv_order + ["n_examples", "eps", "checkpoint", "selected_on", "cell"]
@@ -135,6 +137,8 @@ def method_label(method: str, rpat: bool) -> str:
 
 
 def _paper_value(paper: pd.DataFrame, row, metric: str) -> float | None:
+    if row.recipe != PLAIN:  # the paper trained without recipes
+        return None
     hit = paper[(paper.dataset == _display("dataset", row.dataset)) & (paper.model == _display("model", row.model))
                 & (paper.norm == _display("norm", row.norm)) & (paper.method == method_label(row.method, row.rpat))]
     return float(hit.iloc[0][metric]) if len(hit) and metric in hit.columns else None
@@ -165,7 +169,8 @@ def delta_text(c, kind: str) -> str:
 def _comparisons_of(comparisons: pd.DataFrame | None, key: tuple) -> dict:
     if comparisons is None or not len(comparisons):
         return {}
-    hit = comparisons[(comparisons[GROUP + ["method"]] == pd.Series(dict(zip(GROUP + ["method"], key)))).all(axis=1)]
+    cols = GROUP + ["method", "recipe"]
+    hit = comparisons[(comparisons[cols] == pd.Series(dict(zip(cols, key)))).all(axis=1)]
     return {r.metric: r for r in hit.itertuples()}
 
 
@@ -201,12 +206,14 @@ P_LABEL = "p (McNemar)"
 
 
 def table_rows(agg: pd.DataFrame, paper: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> list[dict]:
-    """Rows in the paper's layout: per (dataset, model, norm, method): baseline, +RPAT, Δ (and McNemar's p)."""
+    """Rows in the paper's layout: per (dataset, model, norm, method, recipe): baseline, +RPAT, Δ (and McNemar's
+    p); plain recipes first."""
     ms = [m for m in metrics(True) if f"{m['key']}_mean" in agg]
     rows = []
-    for (dataset, model, norm, method), grp in agg.groupby(GROUP + ["method"], sort=True):
+    groups = sorted(agg.groupby(GROUP + ["method", "recipe"], sort=True), key=lambda g: (*g[0][:4], g[0][4] != PLAIN))
+    for (dataset, model, norm, method, recipe), grp in groups:
         by = {bool(r.rpat): r for r in grp.itertuples()}
-        base = {"dataset": dataset, "model": model, "norm": norm}
+        base = {"dataset": dataset, "model": model, "norm": norm, "recipe": recipe}
         for on in (False, True):
             if on in by:
                 r = by[on]
@@ -218,14 +225,15 @@ def table_rows(agg: pd.DataFrame, paper: pd.DataFrame, comparisons: pd.DataFrame
                     row[f"paper_{m}"] = f"{pv:.2f}" if pv is not None else ""
                 rows.append(row)
         if False in by and True in by:
-            rows += _difference_rows(base, by, ms, _comparisons_of(comparisons, (dataset, model, norm, method)))
+            rows += _difference_rows(base, by, ms, _comparisons_of(comparisons, (dataset, model, norm, method, recipe)))
     return rows
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     """A block's rows with display headers; the paper's columns only where it reports numbers."""
     headers = {m["key"]: m["header"] for m in metrics(True)}
-    cols = ["method", "seeds"] + [k for k in metric_keys(True) if any(k in r for r in rows)]
+    recipes = any(r.get("recipe", PLAIN) != PLAIN for r in rows)
+    cols = ["method"] + (["recipe"] if recipes else []) + ["seeds"] + [k for k in metric_keys(True) if any(k in r for r in rows)]
     if any(r.get(f"paper_{m}") for r in rows for m in PAPER_METRICS):
         cols += [f"paper_{m}" for m in PAPER_METRICS]
     names = {c: f"paper {headers[c[6:]]}" if c.startswith("paper_") else headers.get(c, c.capitalize()) for c in cols}
