@@ -48,7 +48,7 @@ def build() -> dict:
         "objectives": {name: {"defaults": o.defaults, "supports_rpat": o.supports_rpat, "display": o.label(False),
                               "rpat_display": o.label(True), "pretrained": o.provide is not None,
                               "mixed_targets": o.mixed_targets, "choices": o.choices, "uses_teacher": o.uses_teacher,
-                              "supports_awp": o.supports_awp}
+                              "supports_awp": o.supports_awp, "help": o.help}
                        for name, o in objectives.OBJECTIVES.items()},
         "measurements": [metric(m) for m in evaluate.MEASUREMENTS.values()],
         "derived": [metric(d) for d in evaluate.DERIVED.values()],

@@ -1,4 +1,4 @@
-"""``rpat train | evaluate | perceive | report | export | prepare-data | sync-tracking | info | bench``: every pipeline job,
+"""``rpat train | evaluate | perceive | report | export | prepare-data | sync-tracking | config-docs | info | bench``: every pipeline job,
 runnable by hand. The workflow's rules call these with explicit input and output paths; by hand the
 paths default to the cell's directory, ``<results_dir>/runs/<cell>``.
 
@@ -129,6 +129,20 @@ def cmd_sync_tracking(args) -> int:
     return 0
 
 
+def cmd_config_docs(args) -> int:
+    from rpat import config_docs, files
+
+    if args.check:
+        if config_docs.stale(args.out):
+            print(f"rpat config-docs: {args.out} is stale: run {config_docs.COMMAND}", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    files.write_text(args.out, config_docs.render())
+    print(args.out)
+    return 0
+
+
 def info() -> dict:
     from rpat import attacks, data, evaluate, models, objectives, schedules
 
@@ -238,6 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--additional-data", action="store_true", help="the model was trained with extra data")
     x.add_argument("--forward-passes", type=int, default=1, help="number_forward_passes (default 1)")
     job("sync-tracking", cmd_sync_tracking, "add to MLflow whatever the JSON results hold and it lacks", cell=False)
+    cd = sub.add_parser("config-docs", help="write config/README.md (every config key) from the schema and defaults")
+    cd.add_argument("--out", default="config/README.md", help="the file to write (default config/README.md)")
+    cd.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
+    cd.set_defaults(fn=cmd_config_docs)
     sub.add_parser("bench", help="speed and memory benchmarks (rpat bench --help)")
     i = sub.add_parser("info", help="registered datasets, models, objectives, measurements")
     i.add_argument("--json", action="store_true")

@@ -16,9 +16,18 @@ import yaml
 SECTIONS = ("data", "threat", "train", "methods", "rpat", "eval", "resources")
 
 
-def _schema_of(value: Any, key: str, bn_modes: list[str], choices: dict | None = None) -> dict:
-    """A schema accepting values shaped like ``value`` (a method's default hyperparameter); ``choices``: the
-    objective's allowed values of its string hyperparameters."""
+def _schema_of(value: Any, key: str, bn_modes: list[str], choices: dict | None = None, help: dict | None = None,
+               path: str = "") -> dict:
+    """A schema accepting values shaped like ``value`` (a method's default hyperparameter at ``path`` in its
+    defaults, dotted); ``choices``: the objective's allowed values of its string hyperparameters; ``help``: its
+    descriptions by path."""
+    out = _shape_of(value, key, bn_modes, choices, help or {}, path)
+    if (help or {}).get(path):
+        out["description"] = help[path]
+    return out
+
+
+def _shape_of(value: Any, key: str, bn_modes: list[str], choices: dict | None, help: dict, path: str) -> dict:
     if choices and key in choices:
         return _enum(choices[key])
     if value is None:  # an optional setting (None: derived from the cell)
@@ -31,7 +40,8 @@ def _schema_of(value: Any, key: str, bn_modes: list[str], choices: dict | None =
         return {"type": "number", "minimum": 0}
     if isinstance(value, dict):
         return {"type": "object", "additionalProperties": False,
-                "properties": {k: _schema_of(v, k, bn_modes, choices) for k, v in value.items()}}
+                "properties": {k: _schema_of(v, k, bn_modes, choices, help, f"{path}.{k}".lstrip("."))
+                               for k, v in value.items()}}
     return {"type": "string"}
 
 
@@ -52,13 +62,14 @@ def schema() -> dict:
     block["set"]["properties"] = {k: {"$ref": f"#/$defs/sections/{k}"} for k in SECTIONS}
     s["properties"]["recipes"]["additionalProperties"]["properties"] = dict(block["set"]["properties"])
     sections = s["$defs"]["sections"]
-    sections["data"]["properties"]["augment"] = _enum(sorted(cat["augmentations"]))
+    sections["data"]["properties"]["augment"].update(_enum(sorted(cat["augmentations"])))
     for section in ("data", "eval"):
         sections[section]["properties"]["subset"]["enum"] = list(cat["subsets"])
-    sections["train"]["properties"]["schedule"]["properties"]["name"] = _enum(cat["schedules"])
+    sections["train"]["properties"]["schedule"]["properties"]["name"].update(_enum(cat["schedules"]))
     sections["threat"]["properties"] = {norm: {"$ref": "#/$defs/threat"} for norm in cat["norms"]}
     sections["methods"]["properties"] = {
-        name: _schema_of(o["defaults"], name, cat["bn_modes"], o["choices"])
+        name: {**_schema_of(o["defaults"], name, cat["bn_modes"], o["choices"], o.get("help")),
+               "description": f"{o['display']}'s hyperparameters"}
         for name, o in cat["objectives"].items() if o["defaults"]}
     return s
 

@@ -49,6 +49,11 @@ def test_report_writes_exactly_its_declared_outputs_with_perception(tmp_path):
     assert "Path NL" in tex and "seed-averaged" in tex and r"\caption{" in tex
     comparison = pd.read_csv(tmp_path / "tables" / "comparison.csv")
     assert sorted(set(comparison.method)) == ["pgd_at", "trades"] and len(comparison) == 10
+    # the HTML page of a table set (what Snakemake's report shows): the paper's layout, every cell, comparisons
+    page = (tmp_path / "tables" / "summary.html").read_text()
+    assert all(f"<td>{cell.id}</td>" in page for cell in cfg.cells())
+    assert page.count("<h2>digits / cnn / linf</h2>") == 1 and "<td>PGD-AT+RPAT</td>" in page
+    assert "comparison.csv" in page and "comparison.csv" not in (tmp_path / "tables" / "pairs.html").read_text()
 
 
 def test_figures_without_perception_results_say_so(tmp_path):
@@ -110,3 +115,35 @@ def test_spread_puts_each_overlapping_group_on_a_circle():
     assert len(set(offsets[:3])) == 3 and all(np.hypot(*o) == pytest.approx(plots.SPREAD_POINTS) for o in offsets)
     assert offsets[3] != offsets[4]
     assert plots.spread([(1.0, 1.0), (2.0, 2.0)], tol=(0.01, 0.01)) == [(0.0, 0.0), (0.0, 0.0)]
+
+
+def test_training_curves_plot_the_history_of_train_json(tmp_path):
+    """Every loss part (weighted copies left out, total first) and both validation accuracies, one point per
+    epoch, and the selected epoch marked; a cell without train.json gets a figure saying so."""
+    from rpat.report import training
+
+    history = [{"epoch": e, "lr": 0.1, "loss_ce": 2.0 / e, "loss_rpat": 0.1 * e, "loss_rpat_weighted": 0.1 * e,
+                "loss_total": 2.0 / e + 0.1 * e, "val_clean": 50.0 + 10 * e, "val_pgd": 20.0 + 5 * e,
+                "epoch_s": 1.0} for e in (1, 2, 3)]
+    record = {"cell": "digits/cnn/linf/pgd_at+rpat/seed0", "history": history,
+              "selection": {"split": "val", "best_epoch": 2}}
+    fig = training.curves_figure(record)
+    loss_ax, acc_ax = fig.axes
+    assert [line.get_label() for line in loss_ax.get_lines()] == ["total", "ce", "rpat"]
+    assert list(loss_ax.get_lines()[0].get_ydata()) == pytest.approx([2.1, 1.2, 2 / 3 + 0.3])
+    clean, pgd, best = acc_ax.get_lines()
+    assert list(clean.get_xdata()) == [1, 2, 3] and list(clean.get_ydata()) == [60.0, 70.0, 80.0]
+    assert list(pgd.get_ydata()) == [25.0, 30.0, 35.0] and list(best.get_xdata()) == [2, 2]
+    assert fig._suptitle.get_text() == record["cell"]
+
+    run = tmp_path / "runs" / record["cell"]
+    run.mkdir(parents=True)
+    (run / "eval.json").write_text(json.dumps({"cell": record["cell"]}))
+    (written,) = training.write_all([run / "eval.json"], tmp_path)
+    assert written == tmp_path / "plots" / "training" / "digits/cnn/linf/pgd_at+rpat/seed0.png"
+    assert written.read_bytes()[:4] == b"\x89PNG"
+    assert training.curves_figure({"cell": "c", "history": []}).texts[-1].get_text() == \
+        "no training history (pretrained weights)"
+    (run / "train.json").write_text(json.dumps(record))
+    assert training.write_all([run / "eval.json"], tmp_path) == [written]
+    assert written.stat().st_size > 20_000

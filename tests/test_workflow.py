@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+import browser
 from tiny import tiny_config, tiny_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,32 @@ def test_tiny_grid_end_to_end(tmp_path):
     again = snakemake("-n", "--configfile", str(cfg_path), cwd=tmp_path)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+    check_html_report(tmp_path, cfg_path, sorted(summary.cell))
+
+
+def check_html_report(tmp_path, cfg_path, cells):
+    """`snakemake --report`: the tables, figures and each cell's training curves with their captions, and the
+    pages as headless Chromium draws them."""
+    out = snakemake("--configfile", str(cfg_path), "--report", "report.html", cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = browser.entries(tmp_path / "report.html")
+    results, categories = report["results"], report["categories"]
+    curves = [f"results/plots/training/{c}.png" for c in cells]
+    assert sorted(categories) == ["Figures", "Tables", "Training curves: digits / cnn"]
+    assert sorted(categories["Training curves: digits / cnn"]["linf"]) == sorted(curves)
+    assert sorted(categories["Figures"]["perception"]) == ["results/plots/path.png", "results/plots/perception.png"]
+    for c in curves:
+        assert results[c]["mime_type"] == "image/png" and "Training of one grid cell" in results[c]["caption"]
+    assert "<strong>tiny-e2e</strong>" in results["results/tables/summary.html"]["caption"]  # Jinja: the config
+    page = browser.decoded(results["results/tables/summary.html"]["data_uri"])
+    assert all(f"<td>{c}</td>" in page for c in cells)
+    assert "Results of the rpat experiment <strong>tiny-e2e</strong>" in (tmp_path / "report.html").read_text()
+
+    dom = browser.render(tmp_path / "report.html", ["Training curves: digits / cnn", "row:pgd_at+rpat"], tmp_path)
+    assert "missing-step" not in dom
+    assert results["results/plots/training/digits/cnn/linf/pgd_at+rpat/seed0.png"]["data_uri"] in dom  # drawn
+    dom = browser.render(tmp_path / "report.html", ["Tables", "summary", "row:html"], tmp_path)
+    assert "missing-step" not in dom and "filename=summary.html" in dom
 
 
 @pytest.mark.slow

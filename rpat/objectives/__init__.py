@@ -100,6 +100,9 @@ class Objective:
     mixed_targets: bool = False
     # Allowed values of string hyperparameters (the config schema's enums), e.g. {"attack_bn": BN_MODES}.
     choices: dict = field(default_factory=dict)
+    # What each hyperparameter of ``defaults`` does and where its default comes from (the config schema's
+    # descriptions, config/README.md); nested keys dotted, e.g. "stronger_attack.eps".
+    help: dict = field(default_factory=dict)
     display: str = ""  # the paper's name (tables, plots)
     rpat_display: str = ""  # the name with RPAT on (default: display + "+RPAT")
 

@@ -132,9 +132,17 @@ register(Objective("noise", "CE on clip(x + U[-eps, eps]) (the paper's perceptio
 register(Objective("pgd_at", "PGD-AT (Madry et al.): CE on PGD examples", pgd_attack, adversarial_ce_loss,
                    supports_awp=True, display="PGD-AT"))
 register(Objective("trades", "TRADES (Zhang et al.): CE + beta KL(clean || adv)", trades_attack, trades_loss,
-                   defaults={"beta": 6.0, "second_clean_forward": True}, supports_awp=True, display="TRADES"))
+                   defaults={"beta": 6.0, "second_clean_forward": True}, supports_awp=True, display="TRADES",
+                   help={"beta": "β, the weight of the KL term (Zhang et al. 2019, TRADES; 6 in the RPAT paper)",
+                         "second_clean_forward": "a second train-mode clean forward as the KL target, as the RPAT "
+                         "paper's released code does; false reuses the first clean logits (docs/faithfulness.md D2)"}))
 register(Objective("mart", "MART (Wang et al.): boosted CE + beta misclassification-aware KL", mart_attack, mart_loss,
-                   defaults={"beta": 6.0}, supports_awp=True, display="MART"))
+                   defaults={"beta": 6.0}, supports_awp=True, display="MART",
+                   help={"beta": "β, the weight of the misclassification-aware KL term (Wang et al. 2020, MART; 6 "
+                         "in the RPAT paper, docs/faithfulness.md D4)"}))
 register(Objective("consistency", "Consistency-AT (Tack et al.): PGD-AT on two views + JS consistency",
                    pgd_attack, consistency_loss, defaults={"weight": 1.0, "temperature": 0.5}, views=2,
+                   help={"weight": "the weight of the Jensen-Shannon consistency term between the two views' "
+                         "adversarial predictions (Tack et al. 2022)",
+                         "temperature": "the softmax temperature of the consistency term (Tack et al. 2022)"},
                    supports_awp=True, display="Consistency-AT"))

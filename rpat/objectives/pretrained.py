@@ -126,4 +126,9 @@ register(Objective(
     supports_rpat=False,
     provide=provide,
     display="RobustBench",
+    help={"model_dir": "where the zoo checkpoints are read (RobustBench's layout and default directory; "
+                       "docs/robustbench.md)",
+          "download": "fetch a missing checkpoint from the zoo (needs internet and gdown)",
+          "dataset": "the zoo data set the entry was trained on; null: the cell's",
+          "threat_model": "the entry's threat model (Linf, L2); null: the cell's norm"},
 ))

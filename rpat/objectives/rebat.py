@@ -134,6 +134,25 @@ def rpat_plus_plus_loss(model, x, y, x_adv, hp: Mapping, ctx: StepContext, rpat:
     return _teacher_regularised(model, x_adv, y, ctx, float(rpat.weight), ("rpat", "rpat_weighted"), term)
 
 
+REBAT_HELP = {
+    "beta": "β, the weight of the KL term to the weight-averaged teacher (Wang et al. 2023, ReBAT, --beta); RPAT++ "
+            "ignores it and takes rpat.weight",
+    "decay": "the teacher's EMA decay per step after its warm-up (ReBAT's --decay-rate)",
+    "warmup_epoch": "the first epoch the teacher averages (before it: a copy of the model) and the KL term is on "
+                    "(ReBAT's stage-1 end + 1 in the RPAT paper's SOTAs code)",
+    "attack_bn": "BatchNorm mode of the training attack; train as the SOTAs code does (docs/faithfulness.md D8)",
+    "clean_bn_forward": "an extra train-mode clean forward per step (it updates the BatchNorm running statistics "
+                        "with clean data), as the SOTAs code does for logging (docs/faithfulness.md, ReBAT step 7)",
+    "final_forward": "one more train-mode forward on the final adversarial example, as the SOTAs code does (D17)",
+    "cutmix_double_forward": "with CutMix, two forwards per attack step, as the SOTAs code does (D17)",
+    "teacher_bn_first_epoch": "the teacher's BatchNorm mode in its first averaging epoch: eval (rpat), train or "
+                              "train_and_resume (the SOTAs code, D19)",
+    "stronger_attack.enabled": "ReBAT's stronger attack late in training (--stronger-attack)",
+    "stronger_attack.eps": "its ε (ReBAT: 10/255 for Linf)",
+    "stronger_attack.steps": "its PGD steps (ReBAT: 12)",
+    "stronger_attack.start_epoch": "the first epoch it is used (the SOTAs code: epoch 100; rpat: 101, --stage1 + 1)",
+}
+
 register(Objective("rebat", "ReBAT (Wang et al.): PGD-AT + weight averaging + KL to the averaged model; "
                    "+RPAT is RPAT++ (the KL term replaced by the robust-perception KL term)",
                    rebat_attack, rebat_loss, rpat_loss=rpat_plus_plus_loss, uses_teacher=True,
@@ -142,4 +161,5 @@ register(Objective("rebat", "ReBAT (Wang et al.): PGD-AT + weight averaging + KL
                    defaults={"beta": 1.0, "decay": 0.999, "warmup_epoch": 106, "attack_bn": "train",
                              "clean_bn_forward": True, "final_forward": True, "cutmix_double_forward": True,
                              "teacher_bn_first_epoch": "eval",
-                             "stronger_attack": {"enabled": False, "eps": 10 / 255, "steps": 12, "start_epoch": 101}}))
+                             "stronger_attack": {"enabled": False, "eps": 10 / 255, "steps": 12, "start_epoch": 101}},
+                   help=REBAT_HELP))

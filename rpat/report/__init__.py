@@ -7,11 +7,13 @@ outcomes), ``perception.json`` and ``perception.npz`` where they exist. Outputs,
   tables/summary.md      the paper's layout per dataset/model/norm: baseline, +RPAT and the difference with its
                          95% paired interval and McNemar p, mean ± std over seeds, the paper's numbers beside ours
   tables/summary.tex     the same in LaTeX (booktabs)
+  tables/summary.html    the same, every cell's row and the comparisons on one page (rpat.report.html)
   tables/<block>.*       the same per named grid block, when the config has several
   tables/comparison.csv  one row per (baseline, +RPAT) pair and metric: delta, interval, p (rpat.report.comparison)
   plots/tradeoff.png     clean vs AA with 95% intervals, an arrow from each baseline to its +RPAT run (and .pdf)
   plots/perception.png   the motivation figure: logit MSE under noise and PGD-20 by outcome (and .pdf)
   plots/path.png         MSE to the straight line along the path to PGD-20's example (and .pdf)
+  plots/training/<cell>.png  each cell's loss and validation accuracies per epoch (rpat.report.training)
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpat.cells import block_cells, run_dir
-from rpat.report import comparison, perception, plots, tables
+from rpat.report import comparison, html, perception, plots, tables, training
 from rpat.report.tables import aggregate, collect, paper_numbers  # noqa: F401 - the report's API
 
-TABLE_FORMATS = ("csv", "md", "tex")
+TABLE_FORMATS = ("csv", "md", "tex", "html")
 PLOTS = ("tradeoff", "perception", "path")
 
 
@@ -37,7 +39,17 @@ def outputs(cfg, out_dir: str | Path | None = None) -> list[Path]:
     out = Path(out_dir or cfg.results_dir)
     files = [out / "tables" / f"{stem}.{ext}" for stem in table_stems(cfg) for ext in TABLE_FORMATS]
     files.append(out / "tables" / "comparison.csv")
-    return files + [out / "plots" / f"{name}.{ext}" for name in PLOTS for ext in ("png", "pdf")]
+    files += [out / "plots" / f"{name}.{ext}" for name in PLOTS for ext in ("png", "pdf")]
+    return files + [training.figure_path(out, c.id) for c in cfg.cells()]
+
+
+def _table_sets(cfg, df):
+    """(stem, rows of df, title) of each table set: the whole grid, then each named block."""
+    yield "summary", df, cfg.experiment
+    for stem in table_stems(cfg)[1:]:
+        block = next(b for b in cfg.blocks() if b.get("name") == stem)
+        ids = {c.id for c in block_cells(block)}
+        yield stem, df[df.cell.isin(ids)], f"{cfg.experiment}: {stem}"
 
 
 def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None = None) -> list[Path]:
@@ -54,15 +66,15 @@ def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None =
     cells = comparison.load_cells(files)
     comparisons = comparison.compare(cells)
     paper = paper_numbers()
-    written = tables.write_tables(df, out / "tables", "summary", cfg.experiment, paper, comparisons)
-    for stem in table_stems(cfg)[1:]:
-        block = next(b for b in cfg.blocks() if b.get("name") == stem)
-        ids = {c.id for c in block_cells(block)}
-        written += tables.write_tables(df[df.cell.isin(ids)], out / "tables", stem, f"{cfg.experiment}: {stem}", paper,
-                                       comparisons)
+    written = []
+    for stem, part, title in _table_sets(cfg, df):
+        written += tables.write_tables(part, out / "tables", stem, title, paper, comparisons)
+        written += html.write_page(part, out / "tables" / f"{stem}.html", title, paper, comparisons,
+                                   with_comparisons=stem == "summary")
     written += comparison.write_csv(comparisons, out / "tables" / "comparison.csv")
     written += plots.tradeoff(aggregate(df), out / "plots" / "tradeoff.png", cfg.experiment,
                               comparison.cell_intervals(cells))
     written += perception.motivation_figure(records, out / "plots" / "perception.png", cfg.experiment)
     written += perception.path_figure(records, out / "plots" / "path.png", cfg.experiment)
+    written += training.write_all(files, out)
     return written

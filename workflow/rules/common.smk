@@ -8,6 +8,7 @@ from rpat import config as rpat_config
 from rpat.catalog import catalog
 from rpat.cells import PATTERN, Cell
 from rpat.report import outputs as report_outputs
+from rpat.report import training as training_curves
 from rpat.settings import fingerprint
 from rpat.tracking import init_store, tracking_uri
 
@@ -159,6 +160,36 @@ def mem_mb_of(wildcards, attempt):
 
 def runtime_of(wildcards, attempt):
     return settings_of(wildcards).resources["runtime"] * attempt
+
+
+# Snakemake's HTML report (snakemake --report): captions are relative to workflow/rules/report.smk.
+CAPTIONS = "../report"
+TABLES, FIGURES = "Tables", "Figures"
+
+
+def report_entry(path):
+    """``path`` flagged for Snakemake's HTML report (caption, category, subcategory, labels), or as it is
+    (the Markdown and LaTeX tables and the PDF twins of the figures are outputs, not report pages: the report
+    shows each table set's HTML page and offers its CSV)."""
+    name, ext = os.path.splitext(os.path.basename(path))
+    if path in TRAINING_CURVES:
+        cell = TRAINING_CURVES[path]
+        return report(path, caption=f"{CAPTIONS}/training.rst",
+                      category=f"Training curves: {cell.dataset} / {cell.model}", subcategory=cell.norm,
+                      labels={"method": cell.method_label, "seed": str(cell.seed)})
+    if ext in (".md", ".tex", ".pdf"):
+        return path
+    if name == "comparison":
+        return report(path, caption=f"{CAPTIONS}/comparison.rst", category=TABLES, subcategory="comparison",
+                      labels={"format": ext[1:]})
+    if os.path.basename(os.path.dirname(path)) == "tables":
+        return report(path, caption=f"{CAPTIONS}/summary.rst", category=TABLES, subcategory=name,
+                      labels={"format": ext[1:]})
+    return report(path, caption=f"{CAPTIONS}/{name}.rst", category=FIGURES,
+                  subcategory="trade-off" if name == "tradeoff" else "perception", labels={"figure": name})
+
+
+TRAINING_CURVES = {str(training_curves.figure_path(RESULTS, c.id)): c for c in CELLS}
 
 
 onstart:

@@ -1,10 +1,14 @@
+# The tables and figures of the whole grid (rpat/report/__init__.py `outputs` lists every file the report
+# writes; this rule declares exactly these). `snakemake --report results/report.html` bundles the ones
+# report_entry (common.smk) wraps in report(), with the captions in workflow/report/.
 rule report:
     input:
         evals=cell_paths("eval.json"),
         # read beside each eval.json (with outcomes.npz) by the report
         perception=cell_paths("perception.json"),
+        records=cell_paths("train.json"),  # the training curves
     output:
-        REPORT_OUTPUTS,
+        [report_entry(p) for p in REPORT_OUTPUTS],
     params:
         rpat=RPAT,
         configs=CONFIG_ARG,
