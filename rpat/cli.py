@@ -1,6 +1,7 @@
-"""``rpat train | evaluate | perceive | report | export | prepare-data | sync-tracking | config-docs | info | bench``: every pipeline job,
-runnable by hand. The workflow's rules call these with explicit input and output paths; by hand the
-paths default to the cell's directory, ``<results_dir>/runs/<cell>``.
+"""``rpat train | evaluate | perceive | report | export | prepare-data | sync-tracking | status | config-docs |
+info | bench``: every pipeline job, runnable by hand, and the tools around them. The workflow's rules call the
+jobs with explicit input and output paths; by hand the paths default to the cell's directory,
+``<results_dir>/runs/<cell>``.
 
 Examples::
 
@@ -8,6 +9,7 @@ Examples::
     rpat evaluate --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat perceive --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat report   --config config/config.yaml
+    rpat status   --config config/config.yaml --watch
     rpat export   --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0 --out export/
     rpat info --json
 """
@@ -127,6 +129,26 @@ def cmd_sync_tracking(args) -> int:
     print(f"MLflow reconciled with the JSON results: added {added['runs']} runs, "
           f"{added['metric_points']} metric points, {added['artifacts']} artifacts{skipped}")
     return 0
+
+
+def cmd_status(args) -> int:
+    import time
+
+    from rpat import config, status
+
+    cfg = config.load(args.config)
+    while True:
+        statuses = status.grid_status(cfg)
+        if args.watch and sys.stdout.isatty():
+            print("\033[2J\033[H", end="")  # clear the screen: the table replaces the previous one
+        print(status.table(statuses))
+        if not args.watch or status.finished(statuses):
+            return 1 if any(s.state == "failed" for s in statuses) else 0
+        print(f"(refreshing every {args.watch:g} s; Ctrl-C to stop)", flush=True)
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
 
 
 def cmd_config_docs(args) -> int:
@@ -252,6 +274,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--additional-data", action="store_true", help="the model was trained with extra data")
     x.add_argument("--forward-passes", type=int, default=1, help="number_forward_passes (default 1)")
     job("sync-tracking", cmd_sync_tracking, "add to MLflow whatever the JSON results hold and it lacks", cell=False)
+    st = job("status", cmd_status, "each cell of the grid: planned, training (epoch, validation accuracies, time "
+             "left), evaluating, done or failed (with its log), read from the result files", cell=False)
+    st.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 10) until every cell is done or failed")
     cd = sub.add_parser("config-docs", help="write config/README.md (every config key) from the schema and defaults")
     cd.add_argument("--out", default="config/README.md", help="the file to write (default config/README.md)")
     cd.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")

@@ -9,11 +9,11 @@ average when there is one) decides the best checkpoint. The loop names no method
 methods lives on the objective (rpat/objectives/).
 
 The training state (:class:`TrainingState`) is saved atomically after every epoch under
-``<out>/state/``, and an interrupted job resumes from it (model, optimizer, weight average, RNG states,
-history, epoch) when its settings are unchanged. On SIGTERM or SIGUSR1 (what Slurm sends before a
-time-limit or preemption kill) the job finishes its current step, saves its state *within* the epoch
-(example order, step, partial sums, RNG states) and exits with code 75; rerun, it continues exactly
-where it stopped. A cell whose train.json and checkpoints exist with the same settings is not touched.
+``<out>/state/`` (with ``<out>/progress.json``, what ``rpat status`` reads), and an interrupted job resumes
+from it (model, optimizer, weight average, RNG states, history, epoch) when its settings are unchanged.
+On SIGTERM or SIGUSR1 (what Slurm sends before a time-limit or preemption kill) the job finishes its
+current step, saves its state *within* the epoch (example order, step, partial sums, RNG states) and
+exits with code 75; rerun, it continues exactly where it stopped. A cell whose train.json and checkpoints exist with the same settings is not touched.
 
 Loss parts are summed on the device and read once per epoch: no host synchronisation per step.
 Speed options (``train.channels_last``, ``train.compile``) do not change float32 results;
@@ -297,6 +297,17 @@ def write_record(settings: CellSettings, out_dir: Path, run: CellRun, *, fingerp
     return result
 
 
+def write_progress(out_dir: Path, settings: CellSettings, state: TrainingState) -> None:
+    """``progress.json`` after every epoch: the epoch reached, its validation accuracies and the seconds per
+    epoch, what ``rpat status`` shows while the cell trains (rpat/status.py); written atomically."""
+    last, seconds = state.history[-1], [h["epoch_s"] for h in state.history]
+    files.write_json(out_dir / "progress.json", {
+        "cell": settings.cell.id, "fingerprint": state.fingerprint, "epoch": state.epoch,
+        "epochs": settings.train.epochs, "val_clean": last["val_clean"], "val_pgd": last["val_pgd"],
+        "loss_total": last.get("loss_total"), "epoch_s": last["epoch_s"],
+        "mean_epoch_s": sum(seconds) / len(seconds), "updated": time.time()})
+
+
 def finished_record(out_dir: Path, fingerprint: str) -> dict | None:
     """train.json of a cell already trained with these settings (both checkpoints present), else None."""
     try:
@@ -336,6 +347,7 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
             state.history.append(record)
             state.epoch = epoch
             state.save(tr)
+            write_progress(out_dir, settings, state)
             run.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             print(f"[rpat] {settings.cell.id} epoch {epoch}/{epochs} loss {record.get('loss_total', math.nan):.4f} "
                   f"val clean {record['val_clean']:.2f} pgd {record['val_pgd']:.2f} ({record['epoch_s']:.1f}s)",

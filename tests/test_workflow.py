@@ -152,6 +152,14 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
     check_html_report(tmp_path, cfg_path, sorted(summary.cell))
+    # `rpat status` on the finished grid: every cell done (--watch stops at once: nothing left to change)
+    status = subprocess.run([sys.executable, "-m", "rpat", "status", "--config", str(cfg_path), "--watch", "0.1"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[-1] == "2 cells: 0 planned, 0 training, 0 evaluating, 2 done, 0 failed"
+    for cell in summary.cell:
+        assert sum(bool(re.match(rf"{re.escape(cell)} +done +epoch 2/2 ", line)) for line in lines) == 1
 
 
 def check_html_report(tmp_path, cfg_path, cells):
@@ -173,10 +181,10 @@ def check_html_report(tmp_path, cfg_path, cells):
     assert "Results of the rpat experiment <strong>tiny-e2e</strong>" in (tmp_path / "report.html").read_text()
 
     dom = browser.render(tmp_path / "report.html", ["Training curves: digits / cnn", "row:pgd_at+rpat"], tmp_path)
-    assert "missing-step" not in dom
+    assert 'class="missing-step"' not in dom
     assert results["results/plots/training/digits/cnn/linf/pgd_at+rpat/seed0.png"]["data_uri"] in dom  # drawn
     dom = browser.render(tmp_path / "report.html", ["Tables", "summary", "row:html"], tmp_path)
-    assert "missing-step" not in dom and "filename=summary.html" in dom
+    assert 'class="missing-step"' not in dom and "filename=summary.html" in dom
 
 
 @pytest.mark.slow
