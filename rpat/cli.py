@@ -219,6 +219,22 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+def _tools(sub, job) -> None:
+    """The commands around the jobs: status, config-docs, bench, info."""
+    st = job("status", cmd_status, "each cell of the grid: planned, training (epoch, validation accuracies, time "
+             "left), evaluating, done or failed (with its log), read from the result files", cell=False)
+    st.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 10) until every cell is done or failed")
+    cd = sub.add_parser("config-docs", help="write config/README.md (every config key) from the schema and defaults")
+    cd.add_argument("--out", default="config/README.md", help="the file to write (default config/README.md)")
+    cd.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
+    cd.set_defaults(fn=cmd_config_docs)
+    sub.add_parser("bench", help="speed and memory benchmarks (rpat bench --help)")
+    i = sub.add_parser("info", help="registered datasets, models, objectives, measurements")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpat", description="RPAT experiment pipeline")
     sub = p.add_subparsers(dest="command", required=True)
@@ -274,18 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--additional-data", action="store_true", help="the model was trained with extra data")
     x.add_argument("--forward-passes", type=int, default=1, help="number_forward_passes (default 1)")
     job("sync-tracking", cmd_sync_tracking, "add to MLflow whatever the JSON results hold and it lacks", cell=False)
-    st = job("status", cmd_status, "each cell of the grid: planned, training (epoch, validation accuracies, time "
-             "left), evaluating, done or failed (with its log), read from the result files", cell=False)
-    st.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
-                    help="refresh every SECONDS (default 10) until every cell is done or failed")
-    cd = sub.add_parser("config-docs", help="write config/README.md (every config key) from the schema and defaults")
-    cd.add_argument("--out", default="config/README.md", help="the file to write (default config/README.md)")
-    cd.add_argument("--check", action="store_true", help="only check that the file is up to date (exit 1 if not)")
-    cd.set_defaults(fn=cmd_config_docs)
-    sub.add_parser("bench", help="speed and memory benchmarks (rpat bench --help)")
-    i = sub.add_parser("info", help="registered datasets, models, objectives, measurements")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(fn=cmd_info)
+    _tools(sub, job)
     return p
 
 

@@ -1,9 +1,9 @@
 """Each cell's training curves, from the per-epoch ``history`` of its train.json (rpat/train.py).
 
-One PNG per cell, ``plots/training/<cell>.png`` (the cell id as a path): the loss parts per epoch on the left,
-the validation accuracies (clean and PGD) the best checkpoint was selected on at the right, the selected epoch
-marked. A cell without history (a pretrained model, or results without their train.json) gets a figure that says
-so, so the report's file list is the same for every grid.
+One PNG per cell, ``plots/training/<cell>.png`` (the cell id as a path): the loss parts per epoch on the left
+(log scale when all are positive), the validation accuracies (clean and PGD) the best checkpoint was selected
+on at the right, the selected epoch marked. A cell without history (a pretrained model, or results without
+their train.json) gets a figure that says so, so the report's file list is the same for every grid.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ def curves_figure(record: dict):
     epochs = [h["epoch"] for h in history]
     for key in _loss_keys(history):
         loss_ax.plot(epochs, [h[key] for h in history], marker="o", ms=3, label=key[len("loss_"):])
+    values = [h[k] for h in history for k in _loss_keys(history)]
+    if values and min(values) > 0:  # the parts differ by orders of magnitude (the RPAT term is small)
+        loss_ax.set_yscale("log")
     loss_ax.set(xlabel="epoch", ylabel="training loss (mean per example)")
     loss_ax.legend(fontsize=7)
     for key, label in (("val_clean", "clean"), ("val_pgd", "PGD")):
