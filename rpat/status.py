@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rpat import files
@@ -42,7 +42,6 @@ class CellStatus:
     val_pgd: float | None = None
     left: str = ""
     detail: str = ""
-    logs: list = field(default_factory=list)
 
 
 def log_tail(path: Path) -> str | None:
@@ -76,8 +75,8 @@ class Layout:
         self.results, self.cell = Path(results_dir), cell
         self.run = self.results / "runs" / cell.id
 
-    def log(self, rule: str, suffix: str = "") -> Path:
-        return self.results / "logs" / rule / f"{self.cell.id}{suffix}.log"
+    def log(self, rule: str) -> Path:
+        return self.results / "logs" / rule / f"{self.cell.id}.log"
 
     def evaluation_logs(self) -> list[Path]:
         """evaluate's logs: ``seed<N>.log``, ``seed<N>-<checkpoint>.log`` and the shards' ``seed<N>-<c>-<i>of<n>.log``."""
@@ -111,7 +110,6 @@ def training_status(layout: Layout, fingerprint: str, status: CellStatus) -> Cel
         status.state = "planned"
         return status
     status.state = "training"
-    status.logs = [log]
     if progress is None:
         status.progress, status.detail = "starting", "no epoch finished yet"
     else:
@@ -135,11 +133,12 @@ def cell_status(results_dir: str | Path, cell: Cell, settings) -> CellStatus:
         failed = _failure([layout.log("train")])
         if failed is None:
             return training_status(layout, settings.train_fingerprint, status)
-        status.state, status.detail, status.logs = "failed", f"train: see {failed}", [failed]
+        status.state, status.detail = "failed", f"train: see {failed}"
         return status
     history = record.get("history") or [{}]
     status.val_clean, status.val_pgd = history[-1].get("val_clean"), history[-1].get("val_pgd")
-    status.progress = f"epoch {len(record.get('history') or [])}/{settings.train.epochs}"
+    pretrained = (record.get("selection") or {}).get("rule") == "pretrained"
+    status.progress = "pretrained" if pretrained else f"epoch {len(record.get('history') or [])}/{settings.train.epochs}"
     outputs = {name: "evaluate" for name in _evaluation_files(settings.eval.checkpoints)}
     outputs["perception.json"] = "perceive"
     missing = {name: rule for name, rule in outputs.items() if not (layout.run / name).is_file()}
@@ -153,7 +152,7 @@ def cell_status(results_dir: str | Path, cell: Cell, settings) -> CellStatus:
     failed = _failure([log for rule in set(missing.values()) for log in logs[rule]])
     if failed is not None:
         rule = next(rule for rule, ls in logs.items() if failed in ls)
-        status.state, status.detail, status.logs = "failed", f"{rule}: see {failed}", [failed]
+        status.state, status.detail = "failed", f"{rule}: see {failed}"
         return status
     status.state = "evaluating"
     running = (layout.run / "eval-state").is_dir() or any(log.is_file() for rule in missing.values()
