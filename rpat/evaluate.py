@@ -18,7 +18,6 @@ fingerprint recorded in train.json are checked before any work.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,14 +232,6 @@ def read_train_record(path: Path) -> dict:
     return files.read_record(path, ("cell", "fingerprint", "checkpoints", "selection"))
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _checkpoint_path(record: dict, record_path: Path, which: str) -> Path:
     if which not in record["checkpoints"]:
         raise EvaluationError(f"{record_path} lists no {which!r} checkpoint (it has {', '.join(record['checkpoints'])})"
@@ -299,7 +290,7 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
         header = _header(settings, record, which, ckpt, index)
         # what makes parts (and saved progress) belong together; the device type too: CPU and CUDA generators differ
         key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
-               "checkpoint_digest": _file_digest(ckpt_path), "examples_digest": header["examples"]["digest"],
+               "checkpoint_digest": files.sha256(ckpt_path), "examples_digest": header["examples"]["digest"],
                "device_type": device.type}
         state = record_path.parent / "eval-state" / (f"{which}.pt" if n_shards == 1 else f"{which}-{i}of{n_shards}.pt")
         stats, arrays, progress = _measure(settings, model, (x, y, index), key, state, (i, n_shards), device)
