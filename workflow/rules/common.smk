@@ -79,10 +79,20 @@ def eval_fingerprint(wildcards):
     return settings_of(wildcards).eval_fingerprint
 
 
+def curve_fingerprint(wildcards):
+    return settings_of(wildcards).curve_fingerprint
+
+
+def cell_curves():
+    """curve.json of every cell with an eval.eps_grid (none by default)."""
+    return [f"{RUNS}/{cell.id}/curve.json" for cell in CELLS if _settings(cell).eval.eps_grid]
+
+
 def perception_fingerprint(wildcards):
-    """What `rpat perceive` depends on: the cell's training and the eval keys it reads (not AutoAttack's or CW's)."""
+    """What `rpat perceive` depends on: the cell's training and the eval keys it reads (not AutoAttack's, CW's or
+    the robustness curve's)."""
     s = settings_of(wildcards)
-    used = {k: v for k, v in s.resolved["eval"].items() if k not in ("autoattack", "cw_steps")}
+    used = {k: v for k, v in s.resolved["eval"].items() if k not in ("autoattack", "cw_steps", "eps_grid")}
     return fingerprint({"eval": used, "train": s.train_fingerprint})
 
 

@@ -3,6 +3,8 @@ rule report:
         evals=cell_paths("eval.json"),
         # read beside each eval.json (with outcomes.npz) by the report
         perception=cell_paths("perception.json"),
+        # robustness curves (cells with an eval.eps_grid), read beside each eval.json too
+        curves=cell_curves(),
     output:
         REPORT_OUTPUTS,
     params:
