@@ -82,6 +82,8 @@ def _describe(error) -> str:
         return f"{key}: {error.instance!r} is reserved; reserved names: {', '.join(error.validator_value['enum'])}"
     if error.validator == "enum":
         return f"{key}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "exclusiveMinimum":
+        return f"{key}: {error.instance!r} must be greater than {error.validator_value}"
     return f"{key}: {error.message}"
 
 

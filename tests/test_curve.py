@@ -35,7 +35,7 @@ def _with_grid(grid) -> dict:
 @pytest.mark.parametrize("grid, message", [
     ([{"norm": "l1", "eps": [12], "attacks": ["pgd20", "aa"]}],
      "eval.eps_grid[0]: 'pgd20' does not measure under l1 (only linf, l2); l1 is measured by: aa (AutoAttack's L1"),
-    ([{"norm": "linf", "eps": [0, "8/255"], "attacks": ["aa"]}], "eval.eps_grid[0].eps[0]: 0 is less than or equal"),
+    ([{"norm": "linf", "eps": [0, "8/255"], "attacks": ["aa"]}], "eval.eps_grid[0].eps[0]: 0 must be greater than 0"),
     ([{"norm": "linf", "eps": [0.1], "attacks": ["clean"]}],
      "eval.eps_grid[0].attacks[0]: 'clean' is not allowed; allowed values: pgd20, cw, aa"),
     ([{"norm": "l0", "eps": [1], "attacks": ["aa"]}], "eval.eps_grid[0].norm: 'l0' is not allowed"),
