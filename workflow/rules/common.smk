@@ -120,6 +120,11 @@ def cell_evaluations():
             for cell in CELLS for c in _settings(cell).eval.checkpoints]
 
 
+def other_evaluations():
+    """Every cell's eval-<c>.json for the checkpoints after the first of eval.checkpoints (the report reads them)."""
+    return [f"{RUNS}/{cell.id}/eval-{c}.json" for cell in CELLS for c in _settings(cell).eval.checkpoints[1:]]
+
+
 def evaluation_inputs(wildcards):
     """Unsharded: train.json and the checkpoint; sharded: the shard jobs' results."""
     which, shards = checkpoint_of_tag(wildcards), settings_of(wildcards).eval.shards

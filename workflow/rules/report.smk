@@ -2,7 +2,7 @@ rule report:
     input:
         evals=cell_paths("eval.json"),
         # the other checkpoints' (eval.checkpoints: [best, last]): their paper metrics beside the primary's
-        others=[p for p in cell_evaluations() if not p.endswith("/eval.json")],
+        others=other_evaluations(),
         # read beside each eval.json (with outcomes.npz) by the report
         perception=cell_paths("perception.json"),
         # robustness curves (cells with an eval.eps_grid), read beside each eval.json too
