@@ -1,12 +1,13 @@
-"""``rpat train | evaluate | curve | perceive | report | export | prepare-data | sync-tracking | info | bench``: every pipeline job,
-runnable by hand. The workflow's rules call these with explicit input and output paths; by hand the
-paths default to the cell's directory, ``<results_dir>/runs/<cell>``.
+"""``rpat train | evaluate | curve | perceive | report | export | prepare-data | sync-tracking | info | bench``:
+every pipeline job, runnable by hand. The workflow's rules call these with explicit input and output paths; by
+hand the paths default to the cell's directory, ``<results_dir>/runs/<cell>``.
 
 Examples::
 
     rpat train    --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat evaluate --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat perceive --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
+    rpat curve    --config config/recipes-digits.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat report   --config config/config.yaml
     rpat export   --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0 --out export/
     rpat info --json

@@ -63,6 +63,8 @@ def test_the_grid_has_its_own_fingerprint_and_leaves_the_evaluations_alone():
     # PGD's step follows eps: the cell's 0.075 at 0.3; L1 (AutoAttack only) borrows nothing
     assert curve.point_threat(b, "linf", 0.15).step == pytest.approx(0.0375)
     assert curve.point_threat(b, "l1", 8.0).eps == 8.0
+    with pytest.raises(evaluate.EvaluationError, match="has no eval.eps_grid: there is no curve to measure"):
+        curve.evaluate_curve(a, Path("nowhere/train.json"), Path("nowhere/curve.json"))  # before reading anything
     # the report draws the curves only when a cell has a grid
     names = lambda cfg: {p.name for p in report.outputs(cfg)}  # noqa: E731
     assert "curves.png" in names(with_grid) and "curves.pdf" in names(with_grid)
