@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from rpat import curve
 from rpat import settings as S
 from rpat.cells import PLAIN, Cell, CellError, block_cells, run_dir
 from rpat.errors import ConfigError
@@ -257,6 +258,7 @@ def _check_semantics(cfg: Config) -> None:
                              f"labels (CutMix mixes them); CutMix works with: {mixing}; set data.cutmix.enabled: "
                              "false in this block's `set`")
         problems_ += recipe_problems(s, objectives)
+        problems_ += curve.problems(s.eval.eps_grid, cat["measurements"])
     if problems_:
         raise invalid(problems_)
 

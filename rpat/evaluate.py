@@ -56,6 +56,7 @@ class Measurement:
     measure: Callable[[EvalContext], Outcome]  # one block -> per-example outcome
     enabled: Callable[[EvalSettings], bool] = lambda s: True
     paper: bool = False  # one of the paper's headline columns (Clean, AA)
+    norms: tuple[str, ...] = ("linf", "l2")  # threat norms it measures under, at any radius (eval.eps_grid)
     # (counts summed over blocks, warnings, n examples) -> (eval.json entries, extra MLflow test metrics)
     summary: Callable[[dict, list, int], tuple[dict, dict]] | None = None
 
@@ -147,11 +148,12 @@ def autoattack_summary(counts: dict, warnings: list, n: int) -> tuple[dict, dict
             {f"test_aa_after_{a}": v for a, v in per_attack.items()})
 
 
-register(Measurement("clean", "Clean", "clean accuracy", clean, paper=True))
+register(Measurement("clean", "Clean", "clean accuracy", clean, paper=True, norms=()))
 register(Measurement("pgd20", "PGD-20", "accuracy under PGD-20 (CE)", pgd20))
 register(Measurement("cw", "CW∞", "accuracy under CW-inf (PGD on the CW margin)", cw))
 register(Measurement("aa", "AA", "AutoAttack robust accuracy", autoattack_standard,
-                     enabled=lambda s: s.autoattack.enabled, paper=True, summary=autoattack_summary))
+                     enabled=lambda s: s.autoattack.enabled, paper=True, summary=autoattack_summary,
+                     norms=("linf", "l2", "l1")))
 
 
 def summary_metrics(clean: float, aa: float | None) -> tuple[float | None, float | None]:
@@ -251,13 +253,14 @@ def _header(settings: CellSettings, record: dict, which: str, ckpt: dict, index:
 
 
 def _measure(settings: CellSettings, model, examples, key: dict, state_path: Path, shard: tuple[int, int],
-             device) -> tuple[dict, dict, Progress]:
-    """Run this job's blocks (resuming saved progress); its part of the outcomes."""
+             device, measurements: list[Measurement] | None = None) -> tuple[dict, dict, Progress]:
+    """Run this job's blocks of ``measurements`` (default: those enabled; resuming saved progress); its part of the
+    outcomes."""
     x, y, index = examples
     e = settings.eval
     ranges = blocks.block_ranges(len(y), e.block_size)
     mine = blocks.shard_blocks(len(ranges), shard[1], shard[0] - 1)
-    measurements = [m for m in MEASUREMENTS.values() if m.enabled(e)]
+    measurements = measurements or [m for m in MEASUREMENTS.values() if m.enabled(e)]
     with StopSignals() as stop:
         progress = Progress.open(state_path, {**key, "shard": shard[0]}, e.batch_size)
         engine.run(model, x.to(device), y.to(device), measurements=measurements, threat=settings.threat, settings=e,

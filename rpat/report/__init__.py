@@ -12,6 +12,8 @@ outcomes), ``perception.json`` and ``perception.npz`` where they exist. Outputs,
   plots/tradeoff.png     clean vs AA with 95% intervals, an arrow from each baseline to its +RPAT run (and .pdf)
   plots/perception.png   the motivation figure: logit MSE under noise and PGD-20 by outcome (and .pdf)
   plots/path.png         MSE to the straight line along the path to PGD-20's example (and .pdf)
+  plots/curves.png       accuracy against ε per norm and attack, baseline beside +RPAT (and .pdf), from the
+                         curve.json beside each eval.json; only when some cell has an eval.eps_grid
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpat.cells import block_cells, run_dir
-from rpat.report import comparison, perception, plots, tables
+from rpat.report import comparison, curves, perception, plots, tables
 from rpat.report.tables import aggregate, collect, paper_numbers  # noqa: F401 - the report's API
 
 TABLE_FORMATS = ("csv", "md", "tex")
@@ -37,7 +39,8 @@ def outputs(cfg, out_dir: str | Path | None = None) -> list[Path]:
     out = Path(out_dir or cfg.results_dir)
     files = [out / "tables" / f"{stem}.{ext}" for stem in table_stems(cfg) for ext in TABLE_FORMATS]
     files.append(out / "tables" / "comparison.csv")
-    return files + [out / "plots" / f"{name}.{ext}" for name in PLOTS for ext in ("png", "pdf")]
+    plotted = PLOTS + ((curves.NAME,) if curves.wanted(cfg) else ())
+    return files + [out / "plots" / f"{name}.{ext}" for name in plotted for ext in ("png", "pdf")]
 
 
 def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None = None) -> list[Path]:
@@ -65,4 +68,6 @@ def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None =
                               comparison.cell_intervals(cells))
     written += perception.motivation_figure(records, out / "plots" / "perception.png", cfg.experiment)
     written += perception.path_figure(records, out / "plots" / "path.png", cfg.experiment)
+    if curves.wanted(cfg):
+        written += curves.figure(curves.load(files), out / "plots" / f"{curves.NAME}.png", cfg.experiment)
     return written

@@ -79,10 +79,20 @@ def eval_fingerprint(wildcards):
     return settings_of(wildcards).eval_fingerprint
 
 
+def curve_fingerprint(wildcards):
+    return settings_of(wildcards).curve_fingerprint
+
+
+def cell_curves():
+    """curve.json of every cell with an eval.eps_grid (none by default)."""
+    return [f"{RUNS}/{cell.id}/curve.json" for cell in CELLS if _settings(cell).eval.eps_grid]
+
+
 def perception_fingerprint(wildcards):
-    """What `rpat perceive` depends on: the cell's training and the eval keys it reads (not AutoAttack's or CW's)."""
+    """What `rpat perceive` depends on: the cell's training and the eval keys it reads (not AutoAttack's, CW's or
+    the robustness curve's)."""
     s = settings_of(wildcards)
-    used = {k: v for k, v in s.resolved["eval"].items() if k not in ("autoattack", "cw_steps")}
+    used = {k: v for k, v in s.resolved["eval"].items() if k not in ("autoattack", "cw_steps", "eps_grid")}
     return fingerprint({"eval": used, "train": s.train_fingerprint})
 
 
@@ -108,6 +118,11 @@ def cell_evaluations():
     """Every cell's eval*.json, one per checkpoint of eval.checkpoints."""
     return [f"{RUNS}/{cell.id}/eval{evaluation_tag(_settings(cell), c)}.json"
             for cell in CELLS for c in _settings(cell).eval.checkpoints]
+
+
+def other_evaluations():
+    """Every cell's eval-<c>.json for the checkpoints after the first of eval.checkpoints (the report reads them)."""
+    return [f"{RUNS}/{cell.id}/eval-{c}.json" for cell in CELLS for c in _settings(cell).eval.checkpoints[1:]]
 
 
 def evaluation_inputs(wildcards):

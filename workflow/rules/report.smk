@@ -1,8 +1,12 @@
 rule report:
     input:
         evals=cell_paths("eval.json"),
+        # the other checkpoints' (eval.checkpoints: [best, last]): their paper metrics beside the primary's
+        others=other_evaluations(),
         # read beside each eval.json (with outcomes.npz) by the report
         perception=cell_paths("perception.json"),
+        # robustness curves (cells with an eval.eps_grid), read beside each eval.json too
+        curves=cell_curves(),
     output:
         REPORT_OUTPUTS,
     params:
