@@ -114,7 +114,7 @@ def evaluate_curve(settings: CellSettings, record_path: str | Path, out_path: st
                                                                 checkpoint_path, threads)
     header = ev._header(settings, record, which, ckpt, index)
     key = {"curve_fingerprint": settings.curve_fingerprint, "checkpoint": which,
-           "checkpoint_digest": ev._file_digest(ckpt_path), "examples_digest": header["examples"]["digest"],
+           "checkpoint_digest": files.sha256(ckpt_path), "examples_digest": header["examples"]["digest"],
            "device_type": device.type}
     ms = measurements_of(settings, pts)
     state = record_path.parent / "eval-state" / f"curve-{which}.pt"

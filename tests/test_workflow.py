@@ -223,6 +223,7 @@ def test_recipes_digits_grid_end_to_end(tmp_path):
     summary = pd.read_csv(results / "tables" / "summary.csv")
     assert len(summary) == 6 and sorted(set(summary.recipe)) == ["awp", "ema", "plain"]
     assert "digits/cnn/linf/trades+rpat+ema/seed0" in set(summary.cell)
+    assert (summary.clean > 80).all(), summary[["cell", "clean"]]  # the recipe trains real models, not chance
     md = (results / "tables" / "summary.md").read_text()
     assert re.search(r"^\| Method +\| Recipe +\|", md, re.M)
     assert re.search(r"^\| TRADES\+RPAT +\| awp +\|", md, re.M) and re.search(r"^\| Δ +\| ema +\|", md, re.M)
