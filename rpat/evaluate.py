@@ -331,7 +331,7 @@ def cell_run(settings: CellSettings, tracking: dict, run_id: str | None, active:
     """The cell's MLflow run as a context (see :class:`rpat.tracking.CellRun`); None when tracking is off."""
     if not (tracking["enabled"] and active):
         return contextlib.nullcontext()
-    return CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=run_id)
+    return CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=run_id, name=settings.run_name)
 
 
 def merge(settings: CellSettings, shard_paths: list[str | Path], out_path: str | Path, *, tracking: dict,
