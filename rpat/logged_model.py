@@ -40,13 +40,16 @@ def _log(run: CellRun, path: Path, register: str | None, tags: dict[str, str]) -
     example = np.zeros((2, ckpt["in_channels"], ckpt["image_size"], ckpt["image_size"]), dtype=np.float32)
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    # created here, in the run's experiment: log_model would put it in the process's active one (Default)
+    created = run.client.create_logged_model(run.client.get_run(run.run_id).info.experiment_id, name=MODEL_NAME,
+                                             source_run_id=run.run_id, tags=tags)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(run.uri)  # log_model and the registry take the process's URI, not a client's
     try:
-        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, run_id=run.run_id, signature=signature,
-                                        input_example=example, pip_requirements=[_pinned_torch()],
-                                        serialization_format="pt2", registered_model_name=register,
-                                        tags=tags, step=int(ckpt["epoch"]))
+        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, run_id=run.run_id, model_id=created.model_id,
+                                        signature=signature, input_example=example,
+                                        pip_requirements=[_pinned_torch()], serialization_format="pt2",
+                                        registered_model_name=register, step=int(ckpt["epoch"]))
     finally:
         mlflow.set_tracking_uri(previous)
     if register is not None and info.registered_model_version is not None:

@@ -7,6 +7,7 @@ import hashlib
 import mlflow.pytorch
 import pytest
 import torch
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from tiny import tiny_config, tiny_grid
 
@@ -75,7 +76,8 @@ def test_the_selected_checkpoint_is_the_runs_model_and_gives_its_logits(register
         (output,) = run.outputs.model_outputs
         assert output.step == rec["selection"]["best_epoch"]
         model = client.get_logged_model(output.model_id)
-        assert model.tags["cell"] == cell.id
+        assert model.tags["cell"] == cell.id and model.status == LoggedModelStatus.READY
+        assert model.experiment_id == run.info.experiment_id and model.source_run_id == run.info.run_id
         logged = mlflow.pytorch.load_model(model.artifact_location)  # what models:/<id> resolves to
         own, _ = evaluate.load_model(cfg.run_dir(cell) / "checkpoint-best.pt", "cpu")
         x, _, _ = evaluate.evaluated_examples(cfg.settings(cell))  # 16 real test images, a batch size never seen
