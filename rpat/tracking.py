@@ -139,6 +139,13 @@ def open_store(uri: str, experiment: str):
         return client, retry(_experiment_id, client, uri, experiment)
 
 
+def runs_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in the MLflow UI at ``base`` (``mlflow ui``'s default address). MLflow 3.17's UI picks
+    its view from ``workflowType`` in the URL (else the browser's last choice, at first GenAI's traces); older 3.x
+    UIs read the experiment's kind (:data:`EXPERIMENT_KIND`)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def init_store(uri: str, experiment: str) -> str | None:
     """Create the store's schema and the experiment (the workflow does it once, before jobs fan out).
     Returns the experiment id, or None if tracking is unavailable."""

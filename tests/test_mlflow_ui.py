@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tiny import tiny_config
 
-from rpat import config, train
+from rpat import config, tracking, train
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 RUNS_VIEW = "workflowType=machine_learning"  # the UI's model-training view (its default view is GenAI's)
@@ -93,7 +93,9 @@ def test_the_ui_shows_every_run_with_its_tags(ui):
     runs = client.search_runs([exp_id])
     assert sorted(r.info.run_name for r in runs) == ["pgd_at s0", "pgd_at+rpat s0"]
 
-    listing = page_text(chrome, f"{base}/#/experiments/{exp_id}/runs?{RUNS_VIEW}", [r.info.run_name for r in runs])
+    url = tracking.runs_url(exp_id, base)  # what the README and the workflow give
+    assert url == f"{base}/#/experiments/{exp_id}/runs?{RUNS_VIEW}"
+    listing = page_text(chrome, url, [r.info.run_name for r in runs])
     assert "Run Name" in listing, listing[:2000]  # the runs table, not the GenAI overview
     for run in runs:
         assert run.info.run_name in listing, listing[:2000]
