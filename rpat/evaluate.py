@@ -385,6 +385,7 @@ def _write_result(settings: CellSettings, parts: list, out_path: Path, outcomes_
     files.write_json(out_path, result)
     if run is not None:
         run.log_metrics(result["mlflow_metrics"])
+        run.log_dataset(settings.cell.dataset, "test", result["examples"]["digest"], result["examples"]["n"])
         run.log_artifact(out_path)
     return result
 

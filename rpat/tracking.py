@@ -1,14 +1,15 @@
-"""MLflow: the one place that names experiments, runs, params, metrics, tags and artifacts.
+"""MLflow: the one place that names experiments, runs, params, metrics, tags, inputs and artifacts (the logged
+model: rpat/logged_model.py).
 
 The JSON files a job writes are the source of truth; MLflow is a browsable copy. Every call here
 is guarded: a tracking failure is reported on stderr and never stops a training job.
 
 Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``; the config's
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` override it. One experiment per config; one run per grid
-cell, tagged with the cell's coordinates; ``train`` creates it, ``evaluate`` adds to it, and each job ends
-it FINISHED, KILLED or FAILED. Jobs may start at once without the workflow's ``onstart``: a SQLite store
-is created under a file lock, an experiment another job created first is looked up again, and SQLite's
-"database is locked" is retried.
+cell, with a short name (:func:`rpat.cells.run_name`) and tagged with the cell and its coordinates; ``train``
+creates it, ``evaluate`` adds to it, and each job ends it FINISHED, KILLED or FAILED. Jobs may start at once
+without the workflow's ``onstart``: a SQLite store is created under a file lock, an experiment another job
+created first is looked up again, and SQLite's "database is locked" is retried.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any, Iterator
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 DATASET_DIGEST_CHARS = 36  # the most MLflow's store keeps of a data set's digest
-# MLflow 3's UI opens an experiment on its GenAI traces unless this tag says it holds model training runs.
+# Declares an experiment one of model training, for MLflow 3 UIs that choose their view by it (3.17's follows
+# the URL instead: runs_url); without it they may open on GenAI traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -239,6 +241,8 @@ class CellRun:
         return self.client.create_run(exp_id, tags=all_tags).info.run_id
 
     def guard(self, what: str, fn, *args, **kwargs) -> None:
+        """``fn(*args, **kwargs)``, retried while the store is busy; a failure is reported (naming ``what``), never
+        raised; nothing is done once the run could not be opened."""
         if self.client is None or self.run_id is None:
             return
         try:
@@ -295,7 +299,8 @@ class CellRun:
 
     def log_dataset(self, name: str, split: str, digest: str, rows: int) -> None:
         """Record data set ``name``'s ``split`` (``train``, ``val``, ``test``: the input's context) as an input of
-        the run, identified by ``digest`` cut to MLflow's 36 characters (:data:`DATASET_DIGEST_CHARS`)."""
+        the run, identified by ``digest`` cut to MLflow's 36 characters (:data:`DATASET_DIGEST_CHARS`): training
+        logs its splits' :func:`rpat.data.digest`, evaluation eval.json's ``examples.digest``."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         dataset = Dataset(name=name, digest=digest[:DATASET_DIGEST_CHARS], source_type="rpat",

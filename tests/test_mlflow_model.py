@@ -3,6 +3,7 @@ run names with the full cell in tags, the training data as run inputs (name, spl
 checkpoint as a logged model that loads back and computes the checkpoint's logits, registered only when asked."""
 
 import hashlib
+import json
 
 import mlflow.pytorch
 import pytest
@@ -65,8 +66,21 @@ def test_each_run_records_its_training_data_as_inputs(registered):
     assert len(expected["train"]) == 64 and expected["train"] != expected["val"]
     for rec in records.values():
         inputs = client.get_run(rec["mlflow_run_id"]).inputs.dataset_inputs
-        got = {i.tags[0].value: (i.dataset.name, i.dataset.digest) for i in inputs}
+        got = {i.tags[0].value: (i.dataset.name, i.dataset.digest) for i in inputs if i.tags[0].value != "test"}
         assert got == {s: ("digits", d[:tracking.DATASET_DIGEST_CHARS]) for s, d in expected.items()}
+
+
+def test_evaluation_adds_the_test_examples_it_measured_as_an_input(registered):
+    cfg, client, records = registered
+    cell = cfg.cells()[0]
+    result = evaluate.evaluate_cell(cfg, cell, cfg.run_dir(cell))
+    index = evaluate.evaluated_examples(cfg.settings(cell))[2]
+    digest = hashlib.sha256(index.numpy().astype("int64").tobytes()).hexdigest()
+    assert result["examples"]["digest"] == digest
+    inputs = client.get_run(records[cell]["mlflow_run_id"]).inputs.dataset_inputs
+    test = [i.dataset for i in inputs if i.tags[0].value == "test"]
+    assert [(d.name, d.digest) for d in test] == [("digits", digest[:tracking.DATASET_DIGEST_CHARS])]
+    assert json.loads(test[0].profile) == {"num_rows": 16}
 
 
 def test_the_selected_checkpoint_is_the_runs_model_and_gives_its_logits(registered):
