@@ -325,7 +325,7 @@ def cell_run(settings: CellSettings, tracking: dict, run_id: str | None, active:
     """The cell's MLflow run as a context (see :class:`rpat.tracking.CellRun`); None when tracking is off."""
     if not (tracking["enabled"] and active):
         return contextlib.nullcontext()
-    return CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=run_id)
+    return CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=run_id, name=settings.run_name)
 
 
 def merge(settings: CellSettings, shard_paths: list[str | Path], out_path: str | Path, *, tracking: dict,
@@ -379,6 +379,7 @@ def _write_result(settings: CellSettings, parts: list, out_path: Path, outcomes_
     files.write_json(out_path, result)
     if run is not None:
         run.log_metrics(result["mlflow_metrics"])
+        run.log_dataset(settings.cell.dataset, "test", result["examples"]["digest"], result["examples"]["n"])
         run.log_artifact(out_path)
     return result
 

@@ -220,9 +220,11 @@ class CellSettings:
     resources: Mapping[str, Any]
     resolved: dict  # the same, as the plain dict that train.json and MLflow's params record
     pretrained: bool = False  # the method loads its weights (rpat/objectives/pretrained.py): `train` does not apply
+    run_name: str = ""  # the MLflow run's short name (rpat.cells.run_name); empty: the cell id
 
     @classmethod
-    def from_resolved(cls, cell: Cell, resolved: dict, resources: Mapping, pretrained: bool = False) -> "CellSettings":
+    def from_resolved(cls, cell: Cell, resolved: dict, resources: Mapping, pretrained: bool = False,
+                      run_name: str = "") -> "CellSettings":
         return cls(
             cell=cell,
             experiment=resolved["experiment"],
@@ -235,6 +237,7 @@ class CellSettings:
             resources=MappingProxyType(dict(resources)),
             resolved=resolved,
             pretrained=pretrained,
+            run_name=run_name,
         )
 
     def training_part(self) -> dict:

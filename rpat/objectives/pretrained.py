@@ -97,7 +97,8 @@ def provide(settings: CellSettings, out_dir: str | Path, tracking: Mapping) -> d
         entry.threat_model)}
     selection = {"rule": "pretrained", "split": None, "metric": None, "best_epoch": 0, "best_value": None,
                  "source": source}
-    run = CellRun(tracking["uri"], settings.experiment, cell.tags(), enabled=tracking["enabled"], new=True)
+    run = CellRun(tracking["uri"], settings.experiment, cell.tags(), enabled=tracking["enabled"], new=True,
+                  name=settings.run_name)
     run.log_params(settings.resolved)
     run.set_tags({"train_fingerprint": fp, "robustbench_entry": f"{dataset}/{threat_model}/{name}"})
     wall_s = time.time() - t0

@@ -9,7 +9,7 @@ from rpat.catalog import catalog
 from rpat.cells import PATTERN, Cell
 from rpat.report import outputs as report_outputs
 from rpat.settings import fingerprint
-from rpat.tracking import init_store, tracking_uri
+from rpat.tracking import init_store, runs_url, tracking_uri
 
 # The default config applies only when no --configfile is given, so a second config replaces the
 # demo instead of being merged into it.
@@ -179,4 +179,7 @@ def runtime_of(wildcards, attempt):
 onstart:
     # Create the MLflow schema and experiment once, before the jobs fan out.
     if CFG.tracking["enabled"]:
-        init_store(tracking_uri(CFG.tracking["uri"]), CFG.experiment)
+        experiment_id = init_store(tracking_uri(CFG.tracking["uri"]), CFG.experiment)
+        if experiment_id is not None:
+            print(f"MLflow: the runs of {CFG.experiment!r} at {runs_url(experiment_id)} (start `mlflow ui` first: "
+                  "README, Browsing runs in MLflow)")
