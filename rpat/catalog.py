@@ -50,7 +50,7 @@ def build() -> dict:
                               "mixed_targets": o.mixed_targets, "choices": o.choices, "uses_teacher": o.uses_teacher,
                               "supports_awp": o.supports_awp, "help": o.help}
                        for name, o in objectives.OBJECTIVES.items()},
-        "measurements": [metric(m) for m in evaluate.MEASUREMENTS.values()],
+        "measurements": [metric(m) | {"norms": list(m.norms)} for m in evaluate.MEASUREMENTS.values()],
         "derived": [metric(d) for d in evaluate.DERIVED.values()],
         "display": {
             "dataset": {n: d.display for n, d in data.DATASETS.items()},

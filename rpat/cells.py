@@ -14,7 +14,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from rpat.errors import ConfigError
 
@@ -24,6 +24,7 @@ GRID_DEFAULTS = {"recipe": ["plain"]}  # grid keys a block may leave out
 RPAT_SUFFIX = "+rpat"
 PLAIN = "plain"  # the recipe that changes nothing
 RECIPE_NAME = r"[a-z0-9][a-z0-9_-]*"  # a recipe's name; "rpat" is not one (that suffix means RPAT)
+NAMED_AXES = ("dataset", "model", "norm")  # in a run's name only where the experiment's cells differ in them
 _PARSE = re.compile(rf"([^/]+)/([^/]+)/([^/]+)/([^/+]+?)(\+rpat)?(?:\+(?!(?:rpat|plain)/)({RECIPE_NAME}))?/seed(\d+)")
 
 
@@ -83,3 +84,17 @@ def block_cells(block: dict) -> Iterator[Cell]:
     """The cells of one grid block: the product of its coordinate lists."""
     axes = (block.get(k, GRID_DEFAULTS.get(k)) for k in GRID_KEYS)
     return (Cell(*combo) for combo in itertools.product(*axes))
+
+
+def varying_axes(cells: Iterable[Cell]) -> tuple[str, ...]:
+    """Which of dataset, model and norm take more than one value among ``cells``."""
+    cells = list(cells)
+    return tuple(a for a in NAMED_AXES if len({getattr(c, a) for c in cells}) > 1)
+
+
+def run_name(cell: Cell, varying: Iterable[str] = NAMED_AXES) -> str:
+    """The cell's short MLflow run name: its coordinates among ``varying`` (see :func:`varying_axes`), method
+    label and seed, e.g. ``trades+rpat s0`` or ``cifar10 trades+rpat s0``. Two cells of one grid never share it:
+    they differ in a varying axis, the method label (method, RPAT, recipe) or the seed."""
+    varying = set(varying)
+    return " ".join([*(getattr(cell, a) for a in NAMED_AXES if a in varying), cell.method_label, f"s{cell.seed}"])

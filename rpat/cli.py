@@ -1,6 +1,6 @@
-"""``rpat train | evaluate | perceive | report | export | prepare-data | sync-tracking | status | config-docs |
-info | bench``: every pipeline job, runnable by hand, and the tools around them. The workflow's rules call the
-jobs with explicit input and output paths; by hand the paths default to the cell's directory,
+"""``rpat train | evaluate | curve | perceive | report | export | prepare-data | sync-tracking | status |
+config-docs | info | bench``: every pipeline job, runnable by hand, and the tools around them. The workflow's
+rules call the jobs with explicit input and output paths; by hand the paths default to the cell's directory,
 ``<results_dir>/runs/<cell>``.
 
 Examples::
@@ -8,6 +8,7 @@ Examples::
     rpat train    --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat evaluate --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat perceive --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0
+    rpat curve    --config config/recipes-digits.yaml --cell digits/cnn/linf/trades+rpat/seed0
     rpat report   --config config/config.yaml
     rpat status   --config config/config.yaml --watch
     rpat export   --config config/config.yaml --cell digits/cnn/linf/trades+rpat/seed0 --out export/
@@ -55,6 +56,18 @@ def cmd_evaluate(args) -> int:
     shard = res.get("shard", {"index": 1, "of": 1})
     print(json.dumps({"cell": cell.id, "checkpoint": which, "shard": f"{shard['index']}/{shard['of']}",
                       **res.get("mlflow_metrics", {})}))
+    return 0
+
+
+def cmd_curve(args) -> int:
+    from rpat.curve import evaluate_curve
+
+    cfg, cell = _load(args)
+    run_dir = cfg.run_dir(cell)
+    res = evaluate_curve(cfg.settings(cell), args.record or run_dir / "train.json", args.out or run_dir / "curve.json",
+                         outcomes_path=args.outcomes, checkpoint_path=args.checkpoint, threads=args.threads)
+    print(json.dumps({"cell": cell.id, "clean": res["clean"],
+                      "points": {f"{p['attack']}@{p['norm']}:{p['eps']:g}": p["accuracy"] for p in res["points"]}}))
     return 0
 
 
@@ -263,6 +276,11 @@ def _parser() -> argparse.ArgumentParser:
                    "into a shard result for --merge")
     e.add_argument("--merge", nargs="+", metavar="SHARD_JSON", help="combine these shard results into --out instead "
                    "of evaluating")
+    c = job("curve", cmd_curve, "robustness curve of one trained cell: accuracy at every point of eval.eps_grid")
+    c.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
+    c.add_argument("--checkpoint", help="checkpoint file (default: the first of eval.checkpoints in train.json)")
+    c.add_argument("--out", help="curve.json to write (default beside train.json)")
+    c.add_argument("--outcomes", help="per-example outcomes to write (default: curve.npz beside --out)")
     pc = job("perceive", cmd_perceive, "perception analysis of one trained cell: logit MSE under noise and PGD-20, "
              "and along the path to PGD-20's example")
     pc.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")

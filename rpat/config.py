@@ -20,8 +20,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from rpat import curve
 from rpat import settings as S
-from rpat.cells import PLAIN, Cell, CellError, block_cells, run_dir
+from rpat.cells import PLAIN, Cell, CellError, block_cells, run_dir, run_name, varying_axes
 from rpat.errors import ConfigError
 from rpat.recipes import recipe_problems
 from rpat.schema import SECTIONS, problems
@@ -38,7 +39,7 @@ def _method_defaults() -> dict:
 # The embedded defaults, built from the settings classes (rpat/settings.py) and the objectives' registry.
 DEFAULTS: dict[str, Any] = {
     "results_dir": "results",
-    "tracking": {"enabled": True, "uri": None},
+    "tracking": {"enabled": True, "uri": None, "log_model": True, "register_model": None},
     "data": S.defaults_of(S.DataSettings),
     "threat": copy.deepcopy(S.THREAT_DEFAULTS),
     "train": S.defaults_of(S.TrainSettings),
@@ -154,11 +155,13 @@ class Config:
     source: str
     _owner: dict = field(default_factory=dict, repr=False)  # cell -> index of its grid block
     _settings: dict = field(default_factory=dict, repr=False)
+    _varying: tuple = ()  # the axes among dataset, model, norm whose values differ between cells
 
     def __post_init__(self):
         for i, block in enumerate(self.blocks()):
             for cell in block_cells(block):
                 self._owner.setdefault(cell, i)
+        self._varying = varying_axes(self._owner)
 
     @property
     def experiment(self) -> str:
@@ -217,7 +220,8 @@ class Config:
 
             resolved = self.resolve(cell)
             pretrained = catalog()["objectives"].get(cell.method, {}).get("pretrained", False)
-            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved), pretrained)
+            self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved), pretrained,
+                                                                run_name(cell, self._varying))
         return self._settings[cell]
 
 
@@ -257,6 +261,7 @@ def _check_semantics(cfg: Config) -> None:
                              f"labels (CutMix mixes them); CutMix works with: {mixing}; set data.cutmix.enabled: "
                              "false in this block's `set`")
         problems_ += recipe_problems(s, objectives)
+        problems_ += curve.problems(s.eval.eps_grid, cat["measurements"])
     if problems_:
         raise invalid(problems_)
 

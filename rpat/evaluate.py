@@ -18,7 +18,6 @@ fingerprint recorded in train.json are checked before any work.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,7 @@ class Measurement:
     measure: Callable[[EvalContext], Outcome]  # one block -> per-example outcome
     enabled: Callable[[EvalSettings], bool] = lambda s: True
     paper: bool = False  # one of the paper's headline columns (Clean, AA)
+    norms: tuple[str, ...] = ("linf", "l2")  # threat norms it measures under, at any radius (eval.eps_grid)
     # (counts summed over blocks, warnings, n examples) -> (eval.json entries, extra MLflow test metrics)
     summary: Callable[[dict, list, int], tuple[dict, dict]] | None = None
 
@@ -148,11 +148,12 @@ def autoattack_summary(counts: dict, warnings: list, n: int) -> tuple[dict, dict
             {f"test_aa_after_{a}": v for a, v in per_attack.items()})
 
 
-register(Measurement("clean", "Clean", "clean accuracy", clean, paper=True))
+register(Measurement("clean", "Clean", "clean accuracy", clean, paper=True, norms=()))
 register(Measurement("pgd20", "PGD-20", "accuracy under PGD-20 (CE)", pgd20))
 register(Measurement("cw", "CW∞", "accuracy under CW-inf (PGD on the CW margin)", cw))
 register(Measurement("aa", "AA", "AutoAttack robust accuracy", autoattack_standard,
-                     enabled=lambda s: s.autoattack.enabled, paper=True, summary=autoattack_summary))
+                     enabled=lambda s: s.autoattack.enabled, paper=True, summary=autoattack_summary,
+                     norms=("linf", "l2", "l1")))
 
 
 def summary_metrics(clean: float, aa: float | None) -> tuple[float | None, float | None]:
@@ -233,14 +234,6 @@ def read_train_record(path: Path) -> dict:
     return files.read_record(path, ("cell", "fingerprint", "checkpoints", "selection"))
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _checkpoint_path(record: dict, record_path: Path, which: str) -> Path:
     if which not in record["checkpoints"]:
         raise EvaluationError(f"{record_path} lists no {which!r} checkpoint (it has {', '.join(record['checkpoints'])})"
@@ -260,13 +253,14 @@ def _header(settings: CellSettings, record: dict, which: str, ckpt: dict, index:
 
 
 def _measure(settings: CellSettings, model, examples, key: dict, state_path: Path, shard: tuple[int, int],
-             device) -> tuple[dict, dict, Progress]:
-    """Run this job's blocks (resuming saved progress); its part of the outcomes."""
+             device, measurements: list[Measurement] | None = None) -> tuple[dict, dict, Progress]:
+    """Run this job's blocks of ``measurements`` (default: those enabled; resuming saved progress); its part of the
+    outcomes."""
     x, y, index = examples
     e = settings.eval
     ranges = blocks.block_ranges(len(y), e.block_size)
     mine = blocks.shard_blocks(len(ranges), shard[1], shard[0] - 1)
-    measurements = [m for m in MEASUREMENTS.values() if m.enabled(e)]
+    measurements = measurements or [m for m in MEASUREMENTS.values() if m.enabled(e)]
     with StopSignals() as stop:
         progress = Progress.open(state_path, {**key, "shard": shard[0]}, e.batch_size)
         engine.run(model, x.to(device), y.to(device), measurements=measurements, threat=settings.threat, settings=e,
@@ -299,7 +293,7 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
         header = _header(settings, record, which, ckpt, index)
         # what makes parts (and saved progress) belong together; the device type too: CPU and CUDA generators differ
         key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
-               "checkpoint_digest": _file_digest(ckpt_path), "examples_digest": header["examples"]["digest"],
+               "checkpoint_digest": files.sha256(ckpt_path), "examples_digest": header["examples"]["digest"],
                "device_type": device.type}
         state = record_path.parent / "eval-state" / (f"{which}.pt" if n_shards == 1 else f"{which}-{i}of{n_shards}.pt")
         stats, arrays, progress = _measure(settings, model, (x, y, index), key, state, (i, n_shards), device)
@@ -331,7 +325,7 @@ def cell_run(settings: CellSettings, tracking: dict, run_id: str | None, active:
     """The cell's MLflow run as a context (see :class:`rpat.tracking.CellRun`); None when tracking is off."""
     if not (tracking["enabled"] and active):
         return contextlib.nullcontext()
-    return CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=run_id)
+    return CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=run_id, name=settings.run_name)
 
 
 def merge(settings: CellSettings, shard_paths: list[str | Path], out_path: str | Path, *, tracking: dict,
@@ -385,6 +379,7 @@ def _write_result(settings: CellSettings, parts: list, out_path: Path, outcomes_
     files.write_json(out_path, result)
     if run is not None:
         run.log_metrics(result["mlflow_metrics"])
+        run.log_dataset(settings.cell.dataset, "test", result["examples"]["digest"], result["examples"]["n"])
         run.log_artifact(out_path)
     return result
 

@@ -5,6 +5,7 @@ workflow can use it while planning."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -83,6 +84,15 @@ def write_npz(path: str | Path, arrays: dict) -> None:
             np.savez(f, **arrays)
 
     atomic_write(path, write)
+
+
+def sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks (checkpoints can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

@@ -67,6 +67,8 @@ def schema() -> dict:
         sections[section]["properties"]["subset"]["enum"] = list(cat["subsets"])
     sections["train"]["properties"]["schedule"]["properties"]["name"].update(_enum(cat["schedules"]))
     sections["threat"]["properties"] = {norm: {"$ref": "#/$defs/threat"} for norm in cat["norms"]}
+    curve = sections["eval"]["properties"]["eps_grid"]["items"]["properties"]
+    curve["attacks"]["items"] = _enum(m["key"] for m in cat["measurements"] if m.get("norms"))
     sections["methods"]["properties"] = {
         name: {**_schema_of(o["defaults"], name, cat["bn_modes"], o["choices"], o.get("help")),
                "description": f"{o['display']}'s hyperparameters"}
@@ -91,6 +93,8 @@ def _describe(error) -> str:
         return f"{key}: {error.instance!r} is reserved; reserved names: {', '.join(error.validator_value['enum'])}"
     if error.validator == "enum":
         return f"{key}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "exclusiveMinimum":
+        return f"{key}: {error.instance!r} must be greater than {error.validator_value}"
     return f"{key}: {error.message}"
 
 

@@ -149,6 +149,8 @@ class EvalSettings:
     autoattack: AutoAttackSettings = field(default_factory=AutoAttackSettings)
     block_size: int = 500  # examples per block: the unit of randomness, saved progress and sharding
     shards: int = 1  # jobs one cell's evaluation is split into (over disjoint blocks), merged into eval.json
+    # robustness curves (rpat/curve.py): [{norm, eps: [...], attacks: [...]}], evaluated into curve.json
+    eps_grid: list = field(default_factory=list)
 
 
 RESOURCE_DEFAULTS = {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
@@ -158,6 +160,10 @@ RESOURCE_DEFAULTS = {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
 SPEED_ONLY = ("device", "threads")
 # Evaluation keys that change how the work is split or which checkpoints are evaluated, not any outcome.
 EVAL_LAYOUT_ONLY = ("shards", "checkpoints")
+# Evaluation keys of the robustness curve only (its own job, rpat/curve.py): changing them does not redo eval.json.
+EVAL_CURVE_ONLY = ("eps_grid",)
+# What a robustness curve's outcomes depend on besides its grid (the main evaluation's attacks and examples).
+CURVE_KEYS = ("n_examples", "subset", "subset_seed", "pgd_steps", "cw_steps", "autoattack", "block_size", "eps_grid")
 
 
 def _recipes_off(data: dict, train: dict, cell: dict) -> tuple[dict, dict, dict]:
@@ -214,9 +220,11 @@ class CellSettings:
     resources: Mapping[str, Any]
     resolved: dict  # the same, as the plain dict that train.json and MLflow's params record
     pretrained: bool = False  # the method loads its weights (rpat/objectives/pretrained.py): `train` does not apply
+    run_name: str = ""  # the MLflow run's short name (rpat.cells.run_name); empty: the cell id
 
     @classmethod
-    def from_resolved(cls, cell: Cell, resolved: dict, resources: Mapping, pretrained: bool = False) -> "CellSettings":
+    def from_resolved(cls, cell: Cell, resolved: dict, resources: Mapping, pretrained: bool = False,
+                      run_name: str = "") -> "CellSettings":
         return cls(
             cell=cell,
             experiment=resolved["experiment"],
@@ -229,6 +237,7 @@ class CellSettings:
             resources=MappingProxyType(dict(resources)),
             resolved=resolved,
             pretrained=pretrained,
+            run_name=run_name,
         )
 
     def training_part(self) -> dict:
@@ -252,5 +261,14 @@ class CellSettings:
     @property
     def eval_fingerprint(self) -> str:
         """What determines a checkpoint's evaluation outcomes (not the sharding, not the list of checkpoints)."""
-        measured = {k: v for k, v in self.resolved["eval"].items() if k not in EVAL_LAYOUT_ONLY}
+        measured = {k: v for k, v in self.resolved["eval"].items() if k not in EVAL_LAYOUT_ONLY + EVAL_CURVE_ONLY}
         return fingerprint({"eval": measured, "train": self.train_fingerprint})
+
+    @property
+    def curve_fingerprint(self) -> str:
+        """What determines the robustness curve's outcomes (rpat/curve.py): its grid, the attacks' settings, the
+        evaluated examples, the primary checkpoint and the training."""
+        e = self.resolved["eval"]
+        used = {k: e.get(k) for k in CURVE_KEYS}
+        return fingerprint({"eval": used, "checkpoint": e["checkpoints"][0], "train": self.train_fingerprint,
+                            "threat": self.resolved["threat"]})

@@ -1,20 +1,22 @@
-"""MLflow: the one place that names experiments, runs, params, metrics, tags and artifacts.
+"""MLflow: the one place that names experiments, runs, params, metrics, tags, inputs and artifacts (the logged
+model: rpat/logged_model.py).
 
 The JSON files a job writes are the source of truth; MLflow is a browsable copy. Every call here
 is guarded: a tracking failure is reported on stderr and never stops a training job.
 
 Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``; the config's
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` override it. One experiment per config; one run per grid
-cell, tagged with the cell's coordinates; ``train`` creates it, ``evaluate`` adds to it, and each job ends
-it FINISHED, KILLED or FAILED. Jobs may start at once without the workflow's ``onstart``: a SQLite store
-is created under a file lock, an experiment another job created first is looked up again, and SQLite's
-"database is locked" is retried.
+cell, with a short name (:func:`rpat.cells.run_name`) and tagged with the cell and its coordinates; ``train``
+creates it, ``evaluate`` adds to it, and each job ends it FINISHED, KILLED or FAILED. Jobs may start at once
+without the workflow's ``onstart``: a SQLite store is created under a file lock, an experiment another job
+created first is looked up again, and SQLite's "database is locked" is retried.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
 import random
@@ -26,6 +28,10 @@ from typing import Any, Iterator
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+DATASET_DIGEST_CHARS = 36  # the most MLflow's store keeps of a data set's digest
+# Declares an experiment one of model training, for MLflow 3 UIs that choose their view by it (3.17's follows
+# the URL instead: runs_url); without it they may open on GenAI traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -100,14 +106,18 @@ def store_lock(uri: str):
 
 
 def _experiment_id(client, uri: str, experiment: str) -> str:
-    """The experiment's id, created if needed; when another job creates it first, it is looked up again."""
+    """The experiment's id, created (tagged :data:`EXPERIMENT_KIND`) if needed; when another job creates it first,
+    it is looked up again. An experiment without a kind (made by an older rpat) is given it."""
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     db = sqlite_path(uri)
     artifact_location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri() if db is not None else None
     try:
-        return client.create_experiment(experiment, artifact_location=artifact_location)
+        return client.create_experiment(experiment, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
     except Exception as e:  # noqa: BLE001
         if not _already_exists(e):
             raise
@@ -129,6 +139,13 @@ def open_store(uri: str, experiment: str):
     with store_lock(uri):
         client = retry(MlflowClient, tracking_uri=uri)  # creates or migrates a SQLite store's schema
         return client, retry(_experiment_id, client, uri, experiment)
+
+
+def runs_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in the MLflow UI at ``base`` (``mlflow ui``'s default address). MLflow 3.17's UI picks
+    its view from ``workflowType`` in the URL (else the browser's last choice, at first GenAI's traces); older 3.x
+    UIs read the experiment's kind (:data:`EXPERIMENT_KIND`)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def init_store(uri: str, experiment: str) -> str | None:
@@ -181,13 +198,15 @@ class CellRun:
     """
 
     def __init__(self, uri: str | None, experiment: str, tags: dict[str, str], run_id: str | None = None,
-                 enabled: bool = True, new: bool = False):
-        """Attach to ``run_id``, else (unless ``new``) to the cell's latest run, else create one.
+                 enabled: bool = True, new: bool = False, name: str = ""):
+        """Attach to ``run_id``, else (unless ``new``) to the cell's latest run, else create one named ``name``
+        (default: the ``cell`` tag, the full cell id, which every run carries).
 
         A new run of a cell tags the cell's older runs ``superseded=true`` so the UI can hide them.
         """
         self.run_id: str | None = None
         self.client = None
+        self.name = name
         if not enabled:
             return
         try:
@@ -215,13 +234,15 @@ class CellRun:
             return previous[0].info.run_id
         for run in previous:
             self.client.set_tag(run.info.run_id, "superseded", "true")
-        all_tags = {**tags, "mlflow.runName": tags["cell"]}
+        all_tags = {**tags, "mlflow.runName": self.name or tags["cell"]}
         commit = git_commit()
         if commit:
             all_tags["git_commit"] = commit
         return self.client.create_run(exp_id, tags=all_tags).info.run_id
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+    def guard(self, what: str, fn, *args, **kwargs) -> None:
+        """``fn(*args, **kwargs)``, retried while the store is busy; a failure is reported (naming ``what``), never
+        raised; nothing is done once the run could not be opened."""
         if self.client is None or self.run_id is None:
             return
         try:
@@ -230,7 +251,7 @@ class CellRun:
             _warn(what, e)
 
     def __enter__(self) -> "CellRun":
-        self._guard("run start", lambda: self.client.update_run(self.run_id, status="RUNNING"))
+        self.guard("run start", lambda: self.client.update_run(self.run_id, status="RUNNING"))
         return self
 
     def __exit__(self, kind, err, tb) -> bool:
@@ -248,7 +269,7 @@ class CellRun:
             for i in range(0, len(fresh), 100):
                 self.client.log_batch(self.run_id, params=fresh[i:i + 100])
 
-        self._guard("param logging", log)
+        self.guard("param logging", log)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Metrics at ``step`` (an epoch); without a step, the run's summary metrics (best epoch, test
@@ -268,19 +289,30 @@ class CellRun:
             if fresh:
                 self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step or 0) for k, v in fresh.items()])
 
-        self._guard("metric logging", log)
+        self.guard("metric logging", log)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._guard("tagging", lambda: self.client.log_batch(self.run_id, tags=items))
+        self.guard("tagging", lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_dataset(self, name: str, split: str, digest: str, rows: int) -> None:
+        """Record data set ``name``'s ``split`` (``train``, ``val``, ``test``: the input's context) as an input of
+        the run, identified by ``digest`` cut to MLflow's 36 characters (:data:`DATASET_DIGEST_CHARS`): training
+        logs its splits' :func:`rpat.data.digest`, evaluation eval.json's ``examples.digest``."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:DATASET_DIGEST_CHARS], source_type="rpat",
+                          source=json.dumps({"dataset": name, "split": split}), profile=json.dumps({"num_rows": rows}))
+        item = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)])
+        self.guard("dataset logging", lambda: self.client.log_inputs(self.run_id, datasets=[item]))
 
     def log_artifact(self, path: str | Path) -> None:
-        self._guard("artifact upload", lambda: self.client.log_artifact(self.run_id, str(path)))
+        self.guard("artifact upload", lambda: self.client.log_artifact(self.run_id, str(path)))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._guard("run end", lambda: self.client.set_terminated(self.run_id, status))
+        self.guard("run end", lambda: self.client.set_terminated(self.run_id, status))
 
 
 TRAIN_KEYS = ("cell", "fingerprint", "history", "settings")
@@ -316,7 +348,8 @@ def _reconcile_cell(cfg, cell, cell_dir: Path, added: dict) -> None:
         if rec is not None and rec["cell"] != cell.id:
             raise ResultFileError(f"{path} holds the results of cell {rec['cell']!r}, not {cell.id}; it was copied "
                                   "or moved: delete it and rerun the cell's jobs")
-    run = CellRun(cfg.tracking["uri"], cfg.experiment, cell.tags(), run_id=record.get("mlflow_run_id"))
+    run = CellRun(cfg.tracking["uri"], cfg.experiment, cell.tags(), run_id=record.get("mlflow_run_id"),
+                  name=cfg.settings(cell).run_name)
     if run.client is None or run.run_id is None:
         return
     client, run_id = run.client, run.run_id

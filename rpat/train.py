@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from rpat import accuracy, checkpoint, data, files, models, objectives, recipes, runtime, schedules
+from rpat import accuracy, checkpoint, data, files, logged_model, models, objectives, recipes, runtime, schedules
 from rpat.averaging import WeightAverage, averaged_state
 from rpat.awp import WeightPerturbation
 from rpat.cells import Cell
@@ -263,13 +263,16 @@ def validate_and_select(tr: Trainer, state: TrainingState, record: dict) -> dict
     return record
 
 
-def finish(tr: Trainer, state: TrainingState, out_dir: Path, run: CellRun) -> dict:
-    """The final checkpoints and train.json (written last: its presence means the cell is trained)."""
+def finish(tr: Trainer, state: TrainingState, out_dir: Path, run: CellRun, tracking: Mapping) -> dict:
+    """The final checkpoints, the selected one logged as the run's MLflow model (``tracking.log_model``), and
+    train.json (written last: its presence means the cell is trained)."""
     s, t = tr.settings, tr.settings.train
     checkpoint.save({"model": tr.selected.state_dict(), "epoch": t.epochs, "fingerprint": state.fingerprint,
                      **tr.meta()}, out_dir / "checkpoint-last.pt")
     best = state.path.parent / "best.pt"
     files.atomic_write(out_dir / "checkpoint-best.pt", lambda tmp: shutil.copyfile(best, tmp))
+    if tracking.get("log_model", True):
+        logged_model.log_model(run, out_dir / "checkpoint-best.pt", tracking.get("register_model"), s.cell.tags())
     selection = {"rule": t.select, "split": "test" if t.select == "test" else "val",
                  "metric": f"val_{tr.objective.select_on}", "best_epoch": state.best["epoch"],
                  "best_value": state.best["metric"]}
@@ -334,11 +337,14 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
     tr = setup(settings, threads)
     state = TrainingState.restore(out_dir / "state" / "last.pt", tr, fp)
     run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=state.run_id,
-                  enabled=tracking["enabled"], new=state.run_id is None)
+                  enabled=tracking["enabled"], new=state.run_id is None, name=settings.run_name)
     state.run_id = run.run_id
     if state.epoch == 0 and state.partial is None:
         run.log_params(settings.resolved)
         run.set_tags({"train_fingerprint": fp})
+        for split in ("train", "val"):
+            x, y = getattr(tr.splits, split)
+            run.log_dataset(settings.cell.dataset, split, data.digest(x, y), len(y))
     epochs, first = settings.train.epochs, state.epoch + 1
     resumed = state.epoch > 0 or state.partial is not None
     with run, StopSignals() as stop:  # the run ends FINISHED, KILLED (a signal, Ctrl-C) or FAILED
@@ -355,7 +361,7 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
             if stop.received is not None and epoch < epochs:
                 raise Preempted(f"{settings.cell.id}: signal {stop.name} after epoch {epoch}; state saved in "
                                 f"{state.path}; rerun to resume")
-        return finish(tr, state, out_dir, run)
+        return finish(tr, state, out_dir, run, tracking)
 
 
 def train_cell(cfg: Config, cell: Cell, out_dir: str | Path, *, threads: int | None = None) -> dict:

@@ -183,6 +183,9 @@ CASES = {
                   ["invalid config: threat.linf.eps: nan is not a finite number", "give a number"]),
     "eps: -.inf": (config_case(threat={"linf": {"eps": float("-inf")}}),
                    ["threat.linf.eps: -inf is not a finite number"]),
+    "eps_grid: pgd20 under l1": (config_case(eval={"eps_grid": [{"norm": "l1", "eps": [12], "attacks": ["pgd20"]}]}),
+                                 ["invalid config: eval.eps_grid[0]: 'pgd20' does not measure under l1 (only linf, "
+                                  "l2); l1 is measured by: aa (AutoAttack's L1 attacks)"]),
     "train.json missing": (missing_train_json,
                            ["{tmp}/results/runs/" + CELL + "/train.json does not exist",
                             "run its training first"]),

@@ -103,11 +103,11 @@ def test_tiny_grid_runs_through_slurm_with_gpu_requests(tmp_path):
     for row in summary.itertuples():
         assert 0 <= row.aa <= row.clean <= 100
 
-    # Training and evaluation went through sbatch, carrying the config's resources, the GPU as --gpus and
-    # the early-warning signal for training; the report ran on the submit host.
+    # Training, evaluation and the perception analysis went through sbatch, carrying the config's resources,
+    # the GPU as --gpus and the early-warning signal for training and evaluation; the report ran on the submit host.
     calls = sbatch_calls(log)
-    assert sorted(calls) == ["evaluate", "train"], calls
-    assert len(calls["train"]) == 2 and len(calls["evaluate"]) == 2
+    assert sorted(calls) == ["evaluate", "perceive", "train"], calls
+    assert all(len(calls[rule]) == 2 for rule in calls), calls
     for rule, rule_calls in calls.items():
         for call in rule_calls:
             flags = call.split()
@@ -115,7 +115,8 @@ def test_tiny_grid_runs_through_slurm_with_gpu_requests(tmp_path):
             assert "--cpus-per-task=1" in flags, call
             assert flags[flags.index("--mem") + 1] == "1000", call
             assert flags[flags.index("-t") + 1] == "10", call
-            assert ("--signal=B:USR1@300" in flags) == (rule == "train"), call
+            # the resumable jobs get the early warning; the perception analysis reruns from scratch
+            assert ("--signal=B:USR1@300" in flags) == (rule in ("train", "evaluate")), call
             assert "--ntasks=1" not in flags  # GPU jobs get no implicit task geometry
     print("sbatch (train):", calls["train"][0])
 

@@ -225,9 +225,10 @@ def test_dry_run_plans_the_recipes_and_svhn_grids(tmp_path):
     out = snakemake("-n", "--configfile", str(ROOT / "config" / "recipes.yaml"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     # PGD-AT and TRADES x RPAT off/on x {plain, ema, awp}; CIFAR-10 prepared once
-    assert job_counts(out.stdout) == {"prepare_data": 1, "train": 12, "evaluate": 12, "perceive": 12,
+    assert job_counts(out.stdout) == {"prepare_data": 1, "train": 12, "evaluate": 12, "perceive": 12, "curve": 12,
                                       "report": 1, "all": 1}
     assert "cifar10/preact_resnet18/linf/trades+rpat+awp/seed0/train.json" in out.stdout
+    assert "cifar10/preact_resnet18/linf/trades+rpat+awp/seed0/curve.json" in out.stdout
     assert "cifar10/preact_resnet18/linf/pgd_at/seed0/train.json" in out.stdout
     out = snakemake("-n", "--configfile", str(ROOT / "config" / "svhn.yaml"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -235,7 +236,7 @@ def test_dry_run_plans_the_recipes_and_svhn_grids(tmp_path):
                                       "all": 1}
     out = snakemake("-n", "--configfile", str(ROOT / "config" / "recipes-digits.yaml"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert job_counts(out.stdout) == {"train": 12, "evaluate": 12, "perceive": 12, "report": 1,
+    assert job_counts(out.stdout) == {"train": 12, "evaluate": 12, "perceive": 12, "curve": 12, "report": 1,
                                       "all": 1}  # digits: nothing to prepare
 
 
@@ -243,7 +244,8 @@ def test_dry_run_plans_the_recipes_and_svhn_grids(tmp_path):
 def test_recipes_digits_grid_end_to_end(tmp_path):
     """config/recipes-digits.yaml through the real workflow, its TRADES half (6 cells: a job spends most of its
     ~10 s starting up; the PGD-AT half adds nothing new), MLflow off (test_tiny_grid_end_to_end covers it): the
-    recipe is a table column."""
+    recipe is a table column, and every cell's robustness curve (Linf PGD-20 and AutoAttack, L1 AutoAttack) is
+    measured and drawn."""
     overlay = yaml.safe_load((ROOT / "config" / "recipes-digits.yaml").read_text())["grid"]
     overlay[0]["method"] = ["trades"]
     (tmp_path / "half.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": False}, "grid": overlay}))
@@ -256,9 +258,23 @@ def test_recipes_digits_grid_end_to_end(tmp_path):
     summary = pd.read_csv(results / "tables" / "summary.csv")
     assert len(summary) == 6 and sorted(set(summary.recipe)) == ["awp", "ema", "plain"]
     assert "digits/cnn/linf/trades+rpat+ema/seed0" in set(summary.cell)
+    assert (summary.clean > 80).all(), summary[["cell", "clean"]]  # the recipe trains real models, not chance
     md = (results / "tables" / "summary.md").read_text()
     assert re.search(r"^\| Method +\| Recipe +\|", md, re.M)
     assert re.search(r"^\| TRADES\+RPAT +\| awp +\|", md, re.M) and re.search(r"^\| Δ +\| ema +\|", md, re.M)
     train = json.loads((results / "runs" / "digits/cnn/linf/trades+awp/seed0" / "train.json").read_text())
     assert train["settings"]["train"]["awp"]["enabled"] is True and train["recipe"] == "awp"
+    # the robustness curve: every cell's points, accuracy not rising with eps, AutoAttack below PGD-20
+    for cell in summary.cell:
+        c = json.loads((results / "runs" / cell / "curve.json").read_text())
+        acc = {(p["norm"], p["eps"], p["attack"]): p["accuracy"] for p in c["points"]}
+        assert sorted(acc) == [("l1", 6.0, "aa"), ("linf", 0.1, "pgd20"), ("linf", 0.2, "aa"),
+                               ("linf", 0.2, "pgd20"), ("linf", 0.3, "pgd20")]
+        pgd = [c["clean"]] + [acc[("linf", e, "pgd20")] for e in (0.1, 0.2, 0.3)]
+        one = 100.0 / c["n_examples"]  # PGD from a random start may gain an example at a larger radius
+        assert all(b <= a + one for a, b in zip(pgd, pgd[1:])), (cell, pgd)
+        assert acc[("linf", 0.2, "aa")] <= acc[("linf", 0.2, "pgd20")] and acc[("l1", 6.0, "aa")] <= c["clean"]
+        ev = json.loads((results / "runs" / cell / "eval.json").read_text())
+        assert acc[("linf", 0.2, "pgd20")] == ev["pgd20"] and c["clean"] == ev["clean"]  # the same examples
+    assert (results / "plots" / "curves.png").stat().st_size > 0 and (results / "plots" / "curves.pdf").exists()
     print(f"the recipes digits grid took {seconds:.0f} s")

@@ -33,6 +33,7 @@ Keys of the run's ``data`` config section read here:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -127,6 +128,15 @@ class Splits:
     image_size: int
 
 
+def digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    """sha256 (hex) of a split's images then labels, their bytes as held in memory (read in place, not copied):
+    the same digest means the same examples in the same order."""
+    h = hashlib.sha256()
+    for t in (x, y):
+        h.update(t.detach().cpu().contiguous().numpy().reshape(-1).view("uint8"))
+    return h.hexdigest()
+
+
 def prepare(name: str, options: dict) -> dict:
     """Download (if ``data.download``), lay out and decode-cache dataset ``name`` once, so the jobs that
     follow only read it. Returns a summary (sizes, classes)."""
@@ -202,8 +212,8 @@ __all__ = [
     "CIFAR10_STD", "CutMix", "DATASETS", "DIGITS_SPLIT_SEED", "DIGITS_TEST_SIZE", "DatasetSpec", "IMG_EXTENSIONS",
     "Loaded", "MixedBatches", "SUBSETS", "SVHN_MEAN", "SVHN_STD", "Splits", "TINYIMAGENET_MD5", "TINYIMAGENET_MEAN",
     "TINYIMAGENET_STD", "TINYIMAGENET_URL", "autoaugment_cutout", "cutout", "dataset_info", "dataset_root",
-    "decode_imagefolder", "draw_subset", "eval_subset", "first_n", "load_cifar10", "load_cifar100", "load_digits",
-    "load_extra", "load_imagefolder", "load_splits", "load_svhn", "load_tinyimagenet", "prepare",
+    "decode_imagefolder", "digest", "draw_subset", "eval_subset", "first_n", "load_cifar10", "load_cifar100",
+    "load_digits", "load_extra", "load_imagefolder", "load_splits", "load_svhn", "load_tinyimagenet", "prepare",
     "prepare_tinyimagenet", "random_crop_flip", "register", "seeded_permutation", "stratified_subset", "to_float",
     "training_batches",
 ]

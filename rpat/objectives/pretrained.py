@@ -12,7 +12,6 @@ the same examples, the same attacks at the cell's norm and eps. Which entry a ce
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -57,14 +56,6 @@ def check_data(settings: CellSettings, entry: robustbench.ZooEntry) -> None:
             f"{entry.dataset} (or a data set shaped like it)")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """``dst`` holding ``src``'s bytes: a hard link where the file system allows (zoo files reach 740 MB;
     every write in rpat replaces a file, never edits it in place, so the two names cannot diverge)."""
@@ -102,11 +93,12 @@ def provide(settings: CellSettings, out_dir: str | Path, tracking: Mapping) -> d
     checkpoint.save({"model": model.state_dict(), "epoch": 0, "fingerprint": fp, **robustbench.entry_meta(entry)},
                     out_dir / "checkpoint-last.pt")
     _link_or_copy(out_dir / "checkpoint-last.pt", out_dir / "checkpoint-best.pt")
-    source = {**info, "sha256": sha256(Path(info["path"])), "leaderboard_eps": robustbench.LEADERBOARD_EPS.get(
+    source = {**info, "sha256": files.sha256(info["path"]), "leaderboard_eps": robustbench.LEADERBOARD_EPS.get(
         entry.threat_model)}
     selection = {"rule": "pretrained", "split": None, "metric": None, "best_epoch": 0, "best_value": None,
                  "source": source}
-    run = CellRun(tracking["uri"], settings.experiment, cell.tags(), enabled=tracking["enabled"], new=True)
+    run = CellRun(tracking["uri"], settings.experiment, cell.tags(), enabled=tracking["enabled"], new=True,
+                  name=settings.run_name)
     run.log_params(settings.resolved)
     run.set_tags({"train_fingerprint": fp, "robustbench_entry": f"{dataset}/{threat_model}/{name}"})
     wall_s = time.time() - t0

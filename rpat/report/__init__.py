@@ -14,6 +14,8 @@ outcomes), ``perception.json`` and ``perception.npz`` where they exist. Outputs,
   plots/perception.png   the motivation figure: logit MSE under noise and PGD-20 by outcome (and .pdf)
   plots/path.png         MSE to the straight line along the path to PGD-20's example (and .pdf)
   plots/training/<cell>.png  each cell's loss and validation accuracies per epoch (rpat.report.training)
+  plots/curves.png       accuracy against ε per norm and attack, baseline beside +RPAT (and .pdf), from the
+                         curve.json beside each eval.json; only when some cell has an eval.eps_grid
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpat.cells import block_cells, run_dir
-from rpat.report import comparison, html, perception, plots, tables, training
+from rpat.report import comparison, curves, html, perception, plots, tables, training
 from rpat.report.tables import aggregate, collect, paper_numbers  # noqa: F401 - the report's API
 
 TABLE_FORMATS = ("csv", "md", "tex", "html")
@@ -39,7 +41,8 @@ def outputs(cfg, out_dir: str | Path | None = None) -> list[Path]:
     out = Path(out_dir or cfg.results_dir)
     files = [out / "tables" / f"{stem}.{ext}" for stem in table_stems(cfg) for ext in TABLE_FORMATS]
     files.append(out / "tables" / "comparison.csv")
-    files += [out / "plots" / f"{name}.{ext}" for name in PLOTS for ext in ("png", "pdf")]
+    plotted = PLOTS + ((curves.NAME,) if curves.wanted(cfg) else ())
+    files += [out / "plots" / f"{name}.{ext}" for name in plotted for ext in ("png", "pdf")]
     return files + [training.figure_path(out, c.id) for c in cfg.cells()]
 
 
@@ -76,5 +79,7 @@ def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None =
                               comparison.cell_intervals(cells))
     written += perception.motivation_figure(records, out / "plots" / "perception.png", cfg.experiment)
     written += perception.path_figure(records, out / "plots" / "path.png", cfg.experiment)
+    if curves.wanted(cfg):
+        written += curves.figure(curves.load(files), out / "plots" / f"{curves.NAME}.png", cfg.experiment)
     written += training.write_all(files, out)
     return written

@@ -30,13 +30,21 @@ NONLINEARITY = {"key": "nonlinearity", "header": "Path NL", "paper": False, "kin
                 "description": "path nonlinearity: logit MSE to the straight line x -> x' (PGD-20), mean over alpha"}
 
 
+# The paper reports its headline metrics for the best and the last checkpoint; a cell evaluated on both
+# (eval.checkpoints: [best, last]) shows the other checkpoint's beside the primary's, as <key>_<checkpoint>.
+OTHER_CHECKPOINTS = {"best": "last", "last": "best"}
+
+
 def metrics(with_perception: bool = False) -> list[dict]:
     """Measured and derived metrics in table order: the paper's columns first, then the others (accuracies in %),
-    then the path nonlinearity when asked for."""
+    then the paper's columns of the other checkpoint (present only where it was evaluated), then the path
+    nonlinearity when asked for."""
     cat = catalog()
     every = [m | {"kind": "accuracy"} for m in cat["measurements"] + cat["derived"]]
     ordered = [m for m in every if m["paper"]] + [m for m in every if not m["paper"]]
-    return ordered + ([NONLINEARITY] if with_perception else [])
+    other = [m | {"key": f"{m['key']}_{c}", "header": f"{m['header']} ({c})", "paper": False, "checkpoint": c}
+             for c in ("last", "best") for m in ordered if m["key"] in PAPER_METRICS]
+    return ordered + other + ([NONLINEARITY] if with_perception else [])
 
 
 def metric_keys(with_perception: bool = False) -> list[str]:
@@ -82,10 +90,21 @@ def _checked(path: Path, cell: Cell | None) -> dict:
     return r
 
 
+def _other_checkpoint(path: Path, r: dict, cell: Cell | None) -> dict:
+    """The paper's metrics of the cell's other checkpoint, from the eval-<c>.json beside its eval.json (if any)."""
+    other = OTHER_CHECKPOINTS.get(r["checkpoint"])
+    beside = path.with_name(f"eval-{other}.json")
+    if other is None or not beside.is_file():
+        return {}
+    o = _checked(beside, cell)
+    return {f"{k}_{other}": o.get(k) for k in PAPER_METRICS}
+
+
 def collect(eval_files: Iterable[Path | tuple[Cell, Path]]) -> pd.DataFrame:
-    """One row per eval.json: coordinates, every metric, and what was evaluated. Each item is a path, read as
-    the results of the cell whose directory holds it, or a (cell, path) pair; a malformed file or one holding
-    another cell's results is refused (:class:`rpat.files.ResultFileError`)."""
+    """One row per eval.json: coordinates, every metric, and what was evaluated; the paper's metrics of the other
+    checkpoint (``clean_last``, ...) where an eval-<c>.json lies beside it. Each item is a path, read as the results
+    of the cell whose directory holds it, or a (cell, path) pair; a malformed file or one holding another cell's
+    results is refused (:class:`rpat.files.ResultFileError`)."""
     cat = catalog()
     csv_order = [m["key"] for m in cat["measurements"] + cat["derived"]]
     rows = []
@@ -94,10 +113,11 @@ def collect(eval_files: Iterable[Path | tuple[Cell, Path]]) -> pd.DataFrame:
         r = _checked(Path(f), cell)
         rows.append({"dataset": r["dataset"], "model": r["model"], "norm": r["norm"], "method": r["method"],
                      "recipe": r.get("recipe", PLAIN), "rpat": bool(r["rpat"]), "seed": int(r["seed"]),
-                     **{m: r.get(m) for m in csv_order},
+                     **{m: r.get(m) for m in csv_order}, **_other_checkpoint(Path(f), r, cell),
                      "n_examples": r["n_examples"], "eps": r["eps"], "checkpoint": r["checkpoint"],
                      "selected_on": (r.get("selection") or {}).get("split"), "cell": r["cell"]})
-    cols = COORDS + ["seed"] + csv_order + ["n_examples", "eps", "checkpoint", "selected_on", "cell"]
+    others = [m["key"] for m in metrics() if "checkpoint" in m and any(m["key"] in row for row in rows)]
+    cols = COORDS + ["seed"] + csv_order + others + ["n_examples", "eps", "checkpoint", "selected_on", "cell"]
     return pd.DataFrame(rows, columns=cols).sort_values(COORDS + ["seed"]).reset_index(drop=True)
 
 
@@ -107,7 +127,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     Derived metrics (Mean, NRR) are those of the seed-averaged measurements (NRR of the mean Clean and mean AA),
     not the average of the per-seed values; their std is the spread of the per-seed values.
     """
-    keys = metric_keys(has_perception(df))
+    keys = [k for k in metric_keys(has_perception(df)) if k in df]
     g = df.groupby(COORDS, sort=True)
     out = g[keys].mean().add_suffix("_mean").join(g[keys].std(ddof=1).add_suffix("_std"))
     out["n_seeds"] = g.size()
@@ -120,10 +140,11 @@ def _seed_averaged_derived(agg: pd.DataFrame) -> pd.DataFrame:
     from rpat.evaluate import DERIVED  # imports torch (seconds): only when several seeds need it
 
     for d in DERIVED.values():
-        cols = [f"{k}_mean" for k in d.inputs]
-        if all(c in agg for c in cols):
-            agg[f"{d.key}_mean"] = [math.nan if any(pd.isna(v) for v in values) else d.fn(*values)
-                                    for values in agg[cols].itertuples(index=False)]
+        for suffix in ("", "_last", "_best"):  # the primary checkpoint's, and the other's beside it
+            cols = [f"{k}{suffix}_mean" for k in d.inputs]
+            if all(c in agg for c in cols):
+                agg[f"{d.key}{suffix}_mean"] = [math.nan if any(pd.isna(v) for v in values) else d.fn(*values)
+                                                for values in agg[cols].itertuples(index=False)]
     return agg
 
 
@@ -260,9 +281,18 @@ CAPTION_INTERVALS = ("Δ = +RPAT - baseline [95% paired bootstrap interval over 
                      "classify differently, one per seed (docs/statistics.md).")
 
 
+CAPTION_CHECKPOINTS = ("Columns marked (last) or (best): the same metrics for the other checkpoint evaluated "
+                       "(eval.checkpoints), the final epoch's or the one selected on validation, as the paper "
+                       "reports both; the unmarked columns and Δ intervals are the first of eval.checkpoints'.")
+
+
 def caption(rows: list[dict]) -> str:
-    """The table's caption: what the numbers are, with the lines on nonlinearity and intervals that apply."""
+    """The table's caption: what the numbers are, with the lines on checkpoints, nonlinearity and intervals that
+    apply."""
     lines = [CAPTION]
+    others = [m["key"] for m in metrics() if "checkpoint" in m]
+    if any(k in r for r in rows for k in others):
+        lines.append(CAPTION_CHECKPOINTS)
     if any(NONLINEARITY["key"] in r for r in rows):
         lines.append(CAPTION_PERCEPTION)
     if any("[" in str(v) for r in rows if r["method"] == "Δ" for v in r.values()):

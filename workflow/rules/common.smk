@@ -10,7 +10,7 @@ from rpat.cells import PATTERN, Cell
 from rpat.report import outputs as report_outputs
 from rpat.report import training as training_curves
 from rpat.settings import fingerprint
-from rpat.tracking import init_store, tracking_uri
+from rpat.tracking import init_store, runs_url, tracking_uri
 
 # The default config applies only when no --configfile is given, so a second config replaces the
 # demo instead of being merged into it.
@@ -80,10 +80,20 @@ def eval_fingerprint(wildcards):
     return settings_of(wildcards).eval_fingerprint
 
 
+def curve_fingerprint(wildcards):
+    return settings_of(wildcards).curve_fingerprint
+
+
+def cell_curves():
+    """curve.json of every cell with an eval.eps_grid (none by default)."""
+    return [f"{RUNS}/{cell.id}/curve.json" for cell in CELLS if _settings(cell).eval.eps_grid]
+
+
 def perception_fingerprint(wildcards):
-    """What `rpat perceive` depends on: the cell's training and the eval keys it reads (not AutoAttack's or CW's)."""
+    """What `rpat perceive` depends on: the cell's training and the eval keys it reads (not AutoAttack's, CW's or
+    the robustness curve's)."""
     s = settings_of(wildcards)
-    used = {k: v for k, v in s.resolved["eval"].items() if k not in ("autoattack", "cw_steps")}
+    used = {k: v for k, v in s.resolved["eval"].items() if k not in ("autoattack", "cw_steps", "eps_grid")}
     return fingerprint({"eval": used, "train": s.train_fingerprint})
 
 
@@ -109,6 +119,11 @@ def cell_evaluations():
     """Every cell's eval*.json, one per checkpoint of eval.checkpoints."""
     return [f"{RUNS}/{cell.id}/eval{evaluation_tag(_settings(cell), c)}.json"
             for cell in CELLS for c in _settings(cell).eval.checkpoints]
+
+
+def other_evaluations():
+    """Every cell's eval-<c>.json for the checkpoints after the first of eval.checkpoints (the report reads them)."""
+    return [f"{RUNS}/{cell.id}/eval-{c}.json" for cell in CELLS for c in _settings(cell).eval.checkpoints[1:]]
 
 
 def evaluation_inputs(wildcards):
@@ -165,6 +180,8 @@ def runtime_of(wildcards, attempt):
 # Snakemake's HTML report (snakemake --report): captions are relative to workflow/rules/report.smk.
 CAPTIONS = "../report"
 TABLES, FIGURES = "Tables", "Figures"
+FIGURE_GROUPS = {"tradeoff": "trade-off", "curves": "robustness curves", "perception": "perception",
+                 "path": "perception"}
 
 
 def report_entry(path):
@@ -185,8 +202,8 @@ def report_entry(path):
     if os.path.basename(os.path.dirname(path)) == "tables":
         return report(path, caption=f"{CAPTIONS}/summary.rst", category=TABLES, subcategory=name,
                       labels={"format": ext[1:]})
-    return report(path, caption=f"{CAPTIONS}/{name}.rst", category=FIGURES,
-                  subcategory="trade-off" if name == "tradeoff" else "perception", labels={"figure": name})
+    return report(path, caption=f"{CAPTIONS}/{name}.rst", category=FIGURES, subcategory=FIGURE_GROUPS[name],
+                  labels={"figure": name})
 
 
 TRAINING_CURVES = {str(training_curves.figure_path(RESULTS, c.id)): c for c in CELLS}
@@ -195,4 +212,7 @@ TRAINING_CURVES = {str(training_curves.figure_path(RESULTS, c.id)): c for c in C
 onstart:
     # Create the MLflow schema and experiment once, before the jobs fan out.
     if CFG.tracking["enabled"]:
-        init_store(tracking_uri(CFG.tracking["uri"]), CFG.experiment)
+        experiment_id = init_store(tracking_uri(CFG.tracking["uri"]), CFG.experiment)
+        if experiment_id is not None:
+            print(f"MLflow: the runs of {CFG.experiment!r} at {runs_url(experiment_id)} (start `mlflow ui` first: "
+                  "README, Browsing runs in MLflow)")

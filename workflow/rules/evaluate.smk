@@ -1,6 +1,7 @@
 # One job per cell and checkpoint (eval.checkpoints; the first writes eval.json + outcomes.npz, another c writes
 # eval-c.json + outcomes-c.npz). With eval.shards: N > 1, N `evaluate_shard` jobs evaluate disjoint blocks of the
-# examples and `evaluate` merges their results instead of evaluating (docs/evaluation.md).
+# examples and `evaluate` merges their results instead of evaluating (docs/evaluation.md). A cell with an
+# eval.eps_grid also gets a `curve` job on its primary checkpoint (curve.json + curve.npz, rpat/curve.py).
 
 rule evaluate_shard:
     input:
@@ -54,3 +55,30 @@ rule evaluate:
     shell:
         "{params.rpat} evaluate --config {params.configs} --cell {params.cell} --which {params.which}"
         " {params.source} --out {output.result} --outcomes {output.outcomes} --threads {threads} > {log} 2>&1"
+
+
+rule curve:
+    input:
+        record=f"{CELL_DIR}/train.json",
+        checkpoint=primary_checkpoint,
+    output:
+        result=f"{CELL_DIR}/curve.json",
+        outcomes=f"{CELL_DIR}/curve.npz",
+    params:
+        rpat=RPAT,
+        configs=CONFIG_ARG,
+        cell=cell_id,
+        settings=curve_fingerprint,
+    threads: threads_of
+    resources:
+        gpu=gpus_of,
+        mem_mb=mem_mb_of,
+        runtime=runtime_of,
+    log:
+        f"{LOGS}/curve/{PATTERN}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "{params.rpat} curve --config {params.configs} --cell {params.cell} --record {input.record}"
+        " --checkpoint {input.checkpoint} --out {output.result} --outcomes {output.outcomes} --threads {threads}"
+        " > {log} 2>&1"

@@ -4,9 +4,13 @@
 rule report:
     input:
         evals=cell_paths("eval.json"),
+        # the other checkpoints' (eval.checkpoints: [best, last]): their paper metrics beside the primary's
+        others=other_evaluations(),
         # read beside each eval.json (with outcomes.npz) by the report
         perception=cell_paths("perception.json"),
         records=cell_paths("train.json"),  # the training curves
+        # robustness curves (cells with an eval.eps_grid), read beside each eval.json too
+        curves=cell_curves(),
     output:
         [report_entry(p) for p in REPORT_OUTPUTS],
     params:
