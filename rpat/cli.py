@@ -232,6 +232,25 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+def _export(job) -> None:
+    """`rpat export`: a leaderboard submission's files and the model-info fields it cannot derive."""
+    x = job("export", cmd_export, "a finished cell's checkpoint and model-info JSON for a RobustBench leaderboard "
+            "submission (docs/robustbench.md)", cell=False)
+    x.add_argument("--cell", required=True, help="dataset/model/norm/method[+rpat]/seedN")
+    x.add_argument("--checkpoint", choices=["best", "last"], default="best", help="one the cell's evaluation measured")
+    x.add_argument("--out", required=True, help="directory for <name>.pt and <name>.json")
+    x.add_argument("--name", help="file name without extension (default: from the cell id)")
+    x.add_argument("--title", help="the model info's name: the paper's title (default: the cell id)")
+    x.add_argument("--link", help="URL of the paper")
+    x.add_argument("--authors")
+    x.add_argument("--venue")
+    x.add_argument("--reported", type=float, help="robust accuracy (%%) the paper reports (default: the AA measured)")
+    x.add_argument("--footnote")
+    x.add_argument("--architecture", help="leaderboard architecture string (default: from the cell's model)")
+    x.add_argument("--additional-data", action="store_true", help="the model was trained with extra data")
+    x.add_argument("--forward-passes", type=int, default=1, help="number_forward_passes (default 1)")
+
+
 def _tools(sub, job) -> None:
     """The commands around the jobs: status, config-docs, bench, info."""
     st = job("status", cmd_status, "each cell of the grid: planned, training (epoch, validation accuracies, time "
@@ -292,21 +311,7 @@ def _parser() -> argparse.ArgumentParser:
     d = job("prepare-data", cmd_prepare_data, "download / lay out / cache a dataset once", cell=False)
     d.add_argument("--dataset", required=True)
     d.add_argument("--out", help="write a summary JSON here (the workflow's marker)")
-    x = job("export", cmd_export, "a finished cell's checkpoint and model-info JSON for a RobustBench leaderboard "
-            "submission (docs/robustbench.md)", cell=False)
-    x.add_argument("--cell", required=True, help="dataset/model/norm/method[+rpat]/seedN")
-    x.add_argument("--checkpoint", choices=["best", "last"], default="best", help="one the cell's evaluation measured")
-    x.add_argument("--out", required=True, help="directory for <name>.pt and <name>.json")
-    x.add_argument("--name", help="file name without extension (default: from the cell id)")
-    x.add_argument("--title", help="the model info's name: the paper's title (default: the cell id)")
-    x.add_argument("--link", help="URL of the paper")
-    x.add_argument("--authors")
-    x.add_argument("--venue")
-    x.add_argument("--reported", type=float, help="robust accuracy (%%) the paper reports (default: the AA measured)")
-    x.add_argument("--footnote")
-    x.add_argument("--architecture", help="leaderboard architecture string (default: from the cell's model)")
-    x.add_argument("--additional-data", action="store_true", help="the model was trained with extra data")
-    x.add_argument("--forward-passes", type=int, default=1, help="number_forward_passes (default 1)")
+    _export(job)
     job("sync-tracking", cmd_sync_tracking, "add to MLflow whatever the JSON results hold and it lacks", cell=False)
     _tools(sub, job)
     return p
