@@ -306,7 +306,7 @@ def bench_shards(out, *, quick: bool) -> None:
     equal the single process's."""
     from rpat.evaluate import read_outcomes
 
-    n = 16 if quick else 64
+    n = 16 if quick else 32  # AutoAttack on digits costs ~1 s per robust example on one CPU thread
     cell = "digits/cnn/linf/pgd_at/seed0"
     times: dict[int, list] = {1: [], 2: []}
     load = [os.getloadavg()[0]]
