@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from interrupt import signal_at_step
 from tiny import tiny_config, tiny_grid
 
-from rpat import checkpoint, config, data, objectives, train
+from rpat import checkpoint, config, data, train
 from rpat.data.extra import MixedBatches, load_extra, training_batches
 from rpat.data.svhn import read_svhn_mat
 from rpat.errors import DataProblem
@@ -98,27 +99,16 @@ def extra_config(tmp_path):
 
 
 def test_training_with_extra_data_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
-    import os
-    import signal as sig
-
     cfg = extra_config(tmp_path)
     cell = cfg.cells()[0]
     assert cfg.settings(cell).training_part()["data"]["extra_fraction"] == 0.25  # part of the fingerprint
     straight = train.train_cell(cfg, cell, tmp_path / "straight", threads=1)
     assert len(straight["history"]) == 2 and np.isfinite(straight["history"][0]["loss_total"])
 
-    real, calls = objectives.compute_loss, {"n": 0}
-
-    def signalled(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # epoch 2, step 2 of 4
-            os.kill(os.getpid(), sig.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(objectives, "compute_loss", signalled)
+    restore = signal_at_step(monkeypatch, 6)  # epoch 2, step 2 of 4
     with pytest.raises(train.Preempted, match=r"epoch 2, step 2/4"):
         train.train_cell(cfg, cell, tmp_path / "resumed", threads=1)
-    monkeypatch.setattr(objectives, "compute_loss", real)
+    restore()
     train.train_cell(cfg, cell, tmp_path / "resumed", threads=1)
     a, b = (checkpoint.load(tmp_path / d / "checkpoint-last.pt")["model"] for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)

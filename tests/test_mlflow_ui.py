@@ -13,11 +13,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import wait_healthy
 from tiny import tiny_config
 
 from rpat import config, tracking, train
@@ -71,15 +70,7 @@ def ui(tmp_path_factory):
     server = subprocess.Popen([*mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
                               cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail(f"mlflow ui did not start: {server.stderr.read().decode()[-2000:]}")
-                time.sleep(1)
+        wait_healthy(server, port, "mlflow ui")
         client = MlflowClient(tracking_uri=uri)
         yield chrome, f"http://127.0.0.1:{port}", client, client.get_experiment_by_name("ui").experiment_id
     finally:

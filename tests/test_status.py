@@ -1,8 +1,6 @@
 """`rpat status`: each cell's state read from the files real jobs wrote (training, a failed job, nothing yet)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from interrupt import signal_at_step
 from tiny import tiny_config
 
-from rpat import config, objectives, status, train
+from rpat import config, status, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # pgd_at/seed0 trains (2 epochs), pgd_at/seed1 is never started, pgd_at+rpat/seed0 fails (its loss overflows).
@@ -40,18 +39,10 @@ def test_training_planned_failed_then_evaluating(tmp_path, monkeypatch):
     results = Path(cfg.results_dir)
 
     # Epoch 1 of 2 trained, then a SIGTERM in epoch 2 (as Slurm sends before a time limit): the job stops.
-    real, calls = objectives.compute_loss, {"n": 0}
-
-    def signalled(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2, step 1 of 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(objectives, "compute_loss", signalled)
+    restore = signal_at_step(monkeypatch, 3)  # epoch 2, step 1 of 2
     with pytest.raises(train.Preempted):
         train.train_cell(cfg, TRAINING, cfg.run_dir(TRAINING))
-    monkeypatch.setattr(objectives, "compute_loss", real)
+    restore()
     history = torch.load(cfg.run_dir(TRAINING) / "state" / "last.pt", weights_only=True)["history"]
     assert [h["epoch"] for h in history] == [1]
     progress = json.loads((cfg.run_dir(TRAINING) / "progress.json").read_text())

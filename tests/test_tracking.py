@@ -5,20 +5,20 @@ jobs started at once by hand lose no run, on a fresh SQLite store and on a track
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from interrupt import signal_at_step
+from servers import wait_healthy
 from tiny import tiny_config, tiny_grid
 
-from rpat import checkpoint, config, evaluate, objectives, tracking, train
+from rpat import checkpoint, config, evaluate, tracking, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = tiny_config(experiment="tracking-test", grid=tiny_grid(rpat=[True]), train={"epochs": 3})
@@ -171,21 +171,12 @@ def test_runs_end_killed_on_a_signal_and_failed_on_an_error(tmp_path, monkeypatc
     cfg = make_cfg(tmp_path / "results", uri, train={"epochs": 2})
     cell = cfg.cells()[0]
     client = MlflowClient(tracking_uri=uri)
-    real = objectives.compute_loss
-    calls = {"n": 0}
-
-    def signalled(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # epoch 1, step 2 of 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(objectives, "compute_loss", signalled)
+    restore = signal_at_step(monkeypatch, 2)  # epoch 1, step 2 of 2
     with pytest.raises(train.Preempted):
         train.train_cell(cfg, cell, cfg.run_dir(cell))
     _, run = the_run(uri)
     assert run.info.status == "KILLED"
-    monkeypatch.setattr(objectives, "compute_loss", real)
+    restore()
     rec = train.train_cell(cfg, cell, cfg.run_dir(cell))  # resumed: the same run, running again, then FINISHED
     assert rec["mlflow_run_id"] == run.info.run_id and client.get_run(run.info.run_id).info.status == "FINISHED"
 
@@ -256,15 +247,7 @@ def mlflow_server(tmp_path_factory):
          "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env={**os.environ, "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"})
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail(f"mlflow server did not start: {server.stderr.read().decode()[-2000:]}")
-                time.sleep(1)
+        wait_healthy(server, port, "mlflow server")
         yield f"http://127.0.0.1:{port}", root / "srv.db"
     finally:
         server.terminate()

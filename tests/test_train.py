@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from interrupt import signal_at_step
 from tiny import tiny_config, tiny_grid
 
 from rpat import accuracy, checkpoint, config, evaluate, train
@@ -146,31 +147,17 @@ def test_cli_reports_a_cell_outside_the_grid():
 
 def test_signal_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
     """SIGTERM in the middle of an epoch: the job saves within the epoch, exits 75, resumes bit-exactly."""
-    import os
-    import signal as sig
-
-    from rpat import objectives
-
     cfg = cfg_with(data={"train_subset": 256})  # 4 batches per epoch
     cell = config.Cell("digits", "cnn", "linf", "rebat", True, 0)
     train.train_cell(cfg, cell, tmp_path / "straight")
 
-    real = objectives.compute_loss
-    calls = {"n": 0}
-
-    def signalled(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # epoch 2, step 2 of 4
-            os.kill(os.getpid(), sig.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(objectives, "compute_loss", signalled)
+    restore = signal_at_step(monkeypatch, 6)  # epoch 2, step 2 of 4
     with pytest.raises(train.Preempted, match=r"SIGTERM at epoch 2, step 2/4") as e:
         train.train_cell(cfg, cell, tmp_path / "resumed")
     assert e.value.exit_code == 75
     state = torch.load(tmp_path / "resumed" / "state" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["partial"]["step"] == 2
-    monkeypatch.setattr(objectives, "compute_loss", real)
+    restore()
     train.train_cell(cfg, cell, tmp_path / "resumed")
 
     a = checkpoint.load(tmp_path / "straight" / "checkpoint-last.pt")["model"]
