@@ -112,13 +112,14 @@ def evaluate_curve(settings: CellSettings, record_path: str | Path, out_path: st
     record = ev.read_train_record(record_path)
     ckpt_path, model, ckpt, device, (x, y, index) = ev.load_for(settings, record, record_path, which,
                                                                 checkpoint_path, threads)
-    header = ev._header(settings, record, which, ckpt, index)
+    header = ev.result_header(settings, record, which, ckpt, index)
     key = {"curve_fingerprint": settings.curve_fingerprint, "checkpoint": which,
            "checkpoint_digest": files.sha256(ckpt_path), "examples_digest": header["examples"]["digest"],
            "device_type": device.type}
     ms = measurements_of(settings, pts)
     state = record_path.parent / "eval-state" / f"curve-{which}.pt"
-    stats, arrays, progress = ev._measure(settings, model, (x, y, index), key, state, (1, 1), device, ms)
+    stats, arrays, progress = ev.measure_blocks(settings, model, (x, y, index), key, state, (1, 1), device,
+                                                ms)
     n = len(index)
     measured = stats["measured"]
     result = {k: header[k] for k in ("cell", "dataset", "model", "norm", "method", "recipe", "rpat", "seed",

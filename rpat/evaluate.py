@@ -241,7 +241,8 @@ def _checkpoint_path(record: dict, record_path: Path, which: str) -> Path:
     return record_path.parent / record["checkpoints"][which]
 
 
-def _header(settings: CellSettings, record: dict, which: str, ckpt: dict, index: torch.Tensor) -> dict:
+def result_header(settings: CellSettings, record: dict, which: str, ckpt: dict,
+                  index: torch.Tensor) -> dict:
     """What every part of one checkpoint's evaluation records alike (shards included)."""
     cell, e = settings.cell, settings.eval
     return {"cell": cell.id, **cell.tags(), "rpat": cell.rpat, "seed": cell.seed, "experiment": settings.experiment,
@@ -252,8 +253,8 @@ def _header(settings: CellSettings, record: dict, which: str, ckpt: dict, index:
             "eval_fingerprint": settings.eval_fingerprint}
 
 
-def _measure(settings: CellSettings, model, examples, key: dict, state_path: Path, shard: tuple[int, int],
-             device, measurements: list[Measurement] | None = None) -> tuple[dict, dict, Progress]:
+def measure_blocks(settings: CellSettings, model, examples, key: dict, state_path: Path, shard: tuple[int, int],
+                   device, measurements: list[Measurement] | None = None) -> tuple[dict, dict, Progress]:
     """Run this job's blocks of ``measurements`` (default: those enabled; resuming saved progress); its part of the
     outcomes."""
     x, y, index = examples
@@ -290,13 +291,14 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
     with cell_run(settings, tracking, record.get("mlflow_run_id"), active=n_shards == 1) as run:
         ckpt_path, model, ckpt, device, (x, y, index) = load_for(settings, record, record_path, which,
                                                                  checkpoint_path, threads)
-        header = _header(settings, record, which, ckpt, index)
+        header = result_header(settings, record, which, ckpt, index)
         # what makes parts (and saved progress) belong together; the device type too: CPU and CUDA generators differ
         key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
                "checkpoint_digest": files.sha256(ckpt_path), "examples_digest": header["examples"]["digest"],
                "device_type": device.type}
         state = record_path.parent / "eval-state" / (f"{which}.pt" if n_shards == 1 else f"{which}-{i}of{n_shards}.pt")
-        stats, arrays, progress = _measure(settings, model, (x, y, index), key, state, (i, n_shards), device)
+        stats, arrays, progress = measure_blocks(settings, model, (x, y, index), key, state, (i, n_shards),
+                                                 device)
         stats.update(header=header, key=key, shard={"index": i, "of": n_shards}, device=str(device),
                      mlflow_run_id=record.get("mlflow_run_id"))
         if n_shards > 1:
