@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rpat import distributed
+
 NORMS = ("linf", "l2")
 NORM_DISPLAY = {"linf": "Linf", "l2": "L2"}  # the paper's names
 INITS = ("uniform", "normal", "ball", "none")
@@ -130,8 +132,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, box_fir
 
 
 def random_start(x: torch.Tensor, eps: float, norm: str, init: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    def rand(fn):
-        return fn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def rand(fn, shape=x.shape):  # drawn for the whole global batch in a distributed step (rpat/distributed.py)
+        return distributed.draw(fn, shape, generator=generator, device=x.device, dtype=x.dtype)
 
     if init == "none":
         return x.clone()
@@ -143,7 +145,7 @@ def random_start(x: torch.Tensor, eps: float, norm: str, init: str, generator: t
         return (x + (2 * rand(torch.rand) - 1) * eps).clamp(0.0, 1.0)
     if init == "ball":
         n = rand(torch.randn)
-        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        radius = rand(torch.rand, (x.shape[0],) + (1,) * (x.dim() - 1))
         return (x + eps * radius * n / _flat_norm(n).clamp_min(1e-12)).clamp(0.0, 1.0)
     delta = rand(torch.rand) - x
     delta = delta * torch.clamp(eps / _flat_norm(delta).clamp_min(1e-12), max=1.0)

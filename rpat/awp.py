@@ -27,6 +27,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from rpat import distributed
+
 EPS = 1e-20  # the published guard of ||g||
 
 
@@ -63,8 +65,8 @@ class WeightPerturbation:
             loss = self.loss(self.proxy, x, y, x_adv, hp, ctx).loss
         grads = torch.autograd.grad(loss, self.proxy_weights, allow_unused=True)
         with torch.no_grad():
-            return [layer_perturbation(w, g if g is not None else torch.zeros_like(w))
-                    for w, g in zip(self.weights, grads)]
+            grads = distributed.mean_over_ranks(grads, self.weights)  # the global batch's gradient
+            return [layer_perturbation(w, g) for w, g in zip(self.weights, grads)]
 
     @torch.no_grad()
     def perturb(self, v: list[torch.Tensor]) -> None:

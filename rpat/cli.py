@@ -32,11 +32,28 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    from rpat import distributed
     from rpat.train import train
 
     cfg, cell = _load(args)
-    train(cfg.settings(cell), args.out or cfg.run_dir(cell), tracking=cfg.tracking, threads=args.threads)
+    out = args.out or cfg.run_dir(cell)
+    if args.processes > 1 and not distributed.world_from_env().distributed:
+        return _launch_ranks(args, cfg.settings(cell), out)
+    train(cfg.settings(cell), out, tracking=cfg.tracking, threads=args.threads)
     return 0
+
+
+def _launch_ranks(args, settings, out) -> int:
+    """``--processes N``: the same command as N ranks (rpat/launch.py), after the checks that need no data."""
+    from rpat import distributed, launch
+
+    problems = distributed.resource_problems({**settings.resources, "processes": args.processes,
+                                              "nodes": args.nodes, "gpu": min(settings.resources["gpu"], 1)},
+                                             settings.data.batch_size)
+    if problems:
+        raise distributed.DistributedSetupError("; ".join(problems))
+    worker = ["train", "--config", *args.config, "--cell", args.cell, "--out", str(out)]
+    return launch.launch(worker, args.processes, args.nodes, threads=args.threads)
 
 
 def cmd_evaluate(args) -> int:
@@ -281,8 +298,11 @@ def _parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         return s
 
-    job("train", cmd_train, "train one grid cell").add_argument(
-        "--out", help="run directory (default <results_dir>/runs/<cell>)")
+    t = job("train", cmd_train, "train one grid cell")
+    t.add_argument("--out", help="run directory (default <results_dir>/runs/<cell>)")
+    t.add_argument("--processes", type=int, default=1, help="data-parallel processes (one per GPU); the result does "
+                   "not depend on it (docs/distributed.md); --threads is then shared by each machine's processes")
+    t.add_argument("--nodes", type=int, default=1, help="machines the processes spread over (inside a Slurm job)")
     e = job("evaluate", cmd_evaluate, "evaluate one trained cell: every registered measurement")
     e.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
     e.add_argument("--which", choices=["best", "last"],
@@ -325,13 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     from rpat.errors import UserError
     from rpat.preemption import Preempted
 
+    from rpat.distributed import world_from_env
+
+    say = world_from_env().main  # of several ranks, one says why they stopped
     try:
         return args.fn(args)
     except Preempted as e:
-        print(f"rpat {args.command}: {e}", file=sys.stderr)
+        if say:
+            print(f"rpat {args.command}: {e}", file=sys.stderr)
         return Preempted.exit_code
     except (UserError, FileNotFoundError) as e:  # anything else is a bug: keep its traceback
-        print(f"rpat {args.command}: error: {e}", file=sys.stderr)
+        if say:
+            print(f"rpat {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -110,6 +110,8 @@ class TrainSettings:
     weight_average: WeightAverageSettings = field(default_factory=WeightAverageSettings)
     awp: AwpSettings = field(default_factory=AwpSettings)
     eps_warmup_epochs: int = 0  # train with eps * min(1, epoch / eps_warmup_epochs) (rpat/recipes.py)
+    sync_batchnorm: bool = True  # several processes: BatchNorm statistics of the global batch (rpat/distributed.py)
+    step_log: bool = False  # <run>/steps.jsonl: every step's loss parts (a host synchronisation per step)
 
 
 @dataclass(frozen=True)
@@ -153,11 +155,13 @@ class EvalSettings:
     eps_grid: list = field(default_factory=list)
 
 
-RESOURCE_DEFAULTS = {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
+RESOURCE_DEFAULTS = {"gpu": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60, "processes": 1, "nodes": 1}
 
 # Keys that change where and how fast a job runs, not what it computes. (channels_last and compile
 # reorder float sums, so they stay in the fingerprint: a resumed run never mixes the two.)
 SPEED_ONLY = ("device", "threads")
+# Keys that only make a job write more about itself.
+DIAGNOSTIC_ONLY = ("step_log",)
 # Evaluation keys that change how the work is split or which checkpoints are evaluated, not any outcome.
 EVAL_LAYOUT_ONLY = ("shards", "checkpoints")
 # Evaluation keys of the robustness curve only (its own job, rpat/curve.py): changing them does not redo eval.json.
@@ -169,7 +173,9 @@ CURVE_KEYS = ("n_examples", "subset", "subset_seed", "pgd_steps", "cw_steps", "a
 def _recipes_off(data: dict, train: dict, cell: dict) -> tuple[dict, dict, dict]:
     """The training recipes left out of the fingerprint while they are off, so cells trained before they
     existed keep their fingerprints (and are not retrained)."""
-    train = {k: v for k, v in train.items() if k not in SPEED_ONLY}
+    train = {k: v for k, v in train.items() if k not in SPEED_ONLY + DIAGNOSTIC_ONLY}
+    if train.get("sync_batchnorm", True):  # the default: one process's statistics, whatever the processes
+        train.pop("sync_batchnorm", None)
     if train.get("weight_average", {}).get("kind") == "none":
         del train["weight_average"]
     if not train.get("awp", {}).get("enabled", True):

@@ -24,6 +24,7 @@ the optimizer stay float32).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import sys
@@ -34,10 +35,12 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from rpat import accuracy, checkpoint, data, files, logged_model, models, objectives, recipes, runtime, schedules
+from rpat import (accuracy, checkpoint, data, distributed, files, logged_model, models, objectives, recipes, runtime,
+                  schedules)
 from rpat.averaging import WeightAverage, averaged_state
 from rpat.awp import WeightPerturbation
 from rpat.cells import Cell
+from rpat.distributed import World
 from rpat.errors import UserError
 from rpat.objectives import EpochPlan, Objective
 from rpat.preemption import Preempted, StopSignals
@@ -67,10 +70,12 @@ def _progress(iterable, total: int, desc: str):
 
 
 def train_step(objective: Objective, model, opt, x, y, plan: EpochPlan, hp: Mapping, rpat: RpatSettings | None, *,
-               amp=None, average: WeightAverage | None = None, awp: WeightPerturbation | None = None):
+               amp=None, average: WeightAverage | None = None, awp: WeightPerturbation | None = None,
+               loss_model=None):
     """One optimisation step: attack, AWP's perturbation (if given), loss (+ RPAT), backward, SGD, the
     perturbation removed, the objective's after-step hook, and the weight-average update (with the epoch
-    plan's decay)."""
+    plan's decay). ``loss_model``: the model the loss's forwards call when it is not ``model`` (the
+    DistributedDataParallel wrapper, which reduces the gradients; attacks and hooks call ``model``)."""
     amp = amp if amp is not None else contextlib.nullcontext()
     with amp:
         x_adv = objective.attack(model, x, y, plan.threat, hp)
@@ -79,10 +84,11 @@ def train_step(objective: Objective, model, opt, x, y, plan: EpochPlan, hp: Mapp
                           amp)
         awp.perturb(v)
     with amp:
-        loss, parts = objectives.compute_loss(objective, model, x, y, x_adv, hp, rpat, teacher=average,
+        loss, parts = objectives.compute_loss(objective, loss_model or model, x, y, x_adv, hp, rpat, teacher=average,
                                               reg_active=plan.reg_active)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    scale = distributed.loss_scale()
+    (loss * scale if scale != 1.0 else loss).backward()
     opt.step()
     if awp is not None:
         awp.restore(v)
@@ -110,6 +116,9 @@ class Trainer:
     amp: object
     shuffle: torch.Generator
     awp: WeightPerturbation | None = None
+    world: World = World()
+    loss_model: torch.nn.Module | None = None  # DistributedDataParallel(fmodel) when there are several ranks
+    step_log: Path | None = None  # train.step_log: one line per step (rank 0)
 
     @property
     def selected(self) -> torch.nn.Module:
@@ -122,15 +131,22 @@ class Trainer:
                            image_size=s.image_size, mean=s.mean, std=s.std)
 
 
-def setup(settings: CellSettings, threads: int | None = None) -> Trainer:
+def setup(settings: CellSettings, threads: int | None = None, world: World = World()) -> Trainer:
+    """Everything the loop needs; with several ranks (``world``) the process group, global-batch BatchNorm,
+    this rank's shard of every batch and the DDP wrapper too (rpat/distributed.py)."""
     cell, t = settings.cell, settings.train
     objective = objectives.OBJECTIVES[cell.method]
-    device = runtime.select_device(t.device)
+    device = distributed.rank_device(world, runtime.select_device(t.device))
+    distributed.init(world, device)
     runtime.set_threads(threads or t.threads)
     runtime.seed_everything(cell.seed)
+    if t.precision == "float64":  # weights, inputs and attacks in float64 (docs/distributed.md: exactness checks)
+        torch.set_default_dtype(torch.float64)
     splits = data.load_splits(cell.dataset, settings.data.options())
     model = models.build(cell.model, num_classes=splits.num_classes, in_channels=splits.channels,
                          image_size=splits.image_size, mean=splits.mean, std=splits.std).to(device)
+    if world.distributed and t.sync_batchnorm:
+        model = distributed.sync_batchnorm(model, device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -145,8 +161,15 @@ def setup(settings: CellSettings, threads: int | None = None) -> Trainer:
     batches = data.training_batches(splits, d, views=objective.views, device=device, generator=shuffle)
     val_batches = data.Batches(*(splits.test if t.select == "test" else splits.val), d.eval_batch_size, device=device)
     fmodel = torch.compile(model) if t.compile else model
+    loss_model = None
+    if world.distributed:
+        distributed.check_split(world.size, d.batch_size, objective.views, batches.examples,
+                                batches.examples % d.batch_size)
+        batches = distributed.ShardedBatches(batches, objective.views, world)
+        loss_model = torch.nn.parallel.DistributedDataParallel(
+            fmodel, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
     return Trainer(settings, objective, device, splits, model, fmodel, opt, average, batches, val_batches,
-                   precision_context(t.precision, device), shuffle, awp)
+                   precision_context(t.precision, device), shuffle, awp, world, loss_model)
 
 
 @dataclass
@@ -169,9 +192,12 @@ class TrainingState:
         return self.wall_before + time.time() - self.started
 
     def save(self, tr: Trainer, partial: dict | None = None) -> None:
+        """Rank 0 writes the state (every rank holds the same one: no per-rank layout)."""
+        if not tr.world.main:
+            return
         checkpoint.save({"model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(), "epoch": self.epoch,
                          "average": tr.average.state_dict() if tr.average is not None else None,
-                         "fingerprint": self.fingerprint, "rng": runtime.rng_state(),
+                         "fingerprint": self.fingerprint, "rng": runtime.rng_state(tr.device),
                          "shuffle_rng": tr.shuffle.get_state(), "history": self.history, "best": self.best,
                          "run_id": self.run_id, "partial": partial, "wall_s": self.wall_s}, self.path)
 
@@ -185,7 +211,9 @@ class TrainingState:
                                                                      "from scratch")
         label = tr.settings.cell.id
         if state.get("fingerprint") != fingerprint:
-            print(f"[rpat] {label}: settings changed since {path} was written; training from scratch", file=sys.stderr)
+            if tr.world.main:
+                print(f"[rpat] {label}: settings changed since {path} was written; training from scratch",
+                      file=sys.stderr)
             return fresh
         fix = f"the data or model changed since it was written: delete {path.parent} to restart this cell from scratch"
         checkpoint.load_weights(tr.model, state["model"], path, fix)
@@ -193,18 +221,20 @@ class TrainingState:
             checkpoint.load_weights(tr.average, averaged_state(state["average"]), path, fix)
         tr.opt.load_state_dict(state["optimizer"])
         tr.shuffle.set_state(state["shuffle_rng"])
-        runtime.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"], tr.device)
         out = cls(path, fingerprint, state["history"], state["best"], state["epoch"], state.get("run_id"),
                   state.get("wall_s", 0.0), state.get("partial"))
         where = f"epoch {out.epoch + 1}, step {out.partial['step']}" if out.partial else f"epoch {out.epoch + 1}"
-        print(f"[rpat] {label}: resuming at {where}", file=sys.stderr)
+        if tr.world.main:
+            print(f"[rpat] {label}: resuming at {where}", file=sys.stderr)
         return out
 
 
 def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, resumed: bool = False) -> dict:
     """Train one epoch (or its rest, after a signal); returns the epoch's record of learning rate and mean loss
     parts. A signal saves the position within the epoch and raises :class:`Preempted`. ``resumed``: this is
-    the first epoch a resumed job trains (the objective's plan may depend on it)."""
+    the first epoch a resumed job trains (the objective's plan may depend on it). With several ranks, loss
+    sums are each rank's and reduced at the end (and before a save), and a signal on any rank stops all."""
     s = tr.settings
     t_epoch = time.time()
     tr.model.train()
@@ -214,30 +244,31 @@ def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, 
     if tr.average is not None:
         tr.average.train(plan.average_bn == "train")
     n_batches = len(tr.batches)
-    if state.partial is not None:  # resume inside this epoch
-        p, state.partial = state.partial, None
-        order, first, sums, bad_step = p["order"], p["step"], p["sums"], p["bad_step"]
-        t_epoch -= p["seconds"]
-    else:
-        order, first, sums = tr.batches.new_order(), 0, {}
-        bad_step = torch.full((), -1, dtype=torch.long, device=tr.device)
+    order, first, sums, bad_step = _epoch_start(tr, state)
+    t_epoch -= state.partial["seconds"] if state.partial is not None else 0.0
+    state.partial = None
     step_ids = torch.arange(n_batches, device=tr.device)  # indexed per step: no host-to-device copy in the loop
     lr = s.train.lr
-    batches = _progress(tr.batches.iterate(order, first), n_batches - first, f"epoch {epoch}")
-    for step, (x, y) in enumerate(batches, start=first):
+    batches = _progress(_shards(tr.batches, order, first), n_batches - first, f"epoch {epoch}")
+    for step, (x, y, shard) in enumerate(batches, start=first):
         lr = schedules.lr_at(s.train.schedule, s.train.lr, epoch, (step + 1) / n_batches, s.train.epochs)
         for group in tr.opt.param_groups:
             group["lr"] = lr
-        loss, parts = train_step(tr.objective, tr.fmodel, tr.opt, x, y, plan, s.method, rpat, amp=tr.amp,
-                                 average=tr.average, awp=awp)
+        with distributed.step(shard):
+            loss, parts = train_step(tr.objective, tr.fmodel, tr.opt, x, y, plan, s.method, rpat, amp=tr.amp,
+                                     average=tr.average, awp=awp, loss_model=tr.loss_model)
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
+            sums[k] = sums.get(k, 0.0) + v.detach().to(torch.get_default_dtype()) * len(y)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_ids[step], bad_step)
-        if stop.received is not None and step + 1 < n_batches:
-            state.save(tr, {"order": order, "step": step + 1, "sums": sums, "bad_step": bad_step,
-                            "seconds": time.time() - t_epoch})
-            raise Preempted(f"{s.cell.id}: signal {stop.name} at epoch {epoch}, step {step + 1}/{n_batches}; "
-                            f"state saved in {state.path}; rerun to resume")
+        if tr.step_log is not None:
+            _log_step(tr, epoch, step, parts, len(y), shard)
+        if distributed.agree(stop.received is not None) and step + 1 < n_batches:
+            state.save(tr, {"order": order, "step": step + 1, "sums": distributed.sum_over_ranks(sums),
+                            "bad_step": distributed.first_bad_step(bad_step), "seconds": time.time() - t_epoch})
+            distributed.barrier()  # no rank exits before the state is written
+            raise Preempted(f"{s.cell.id}: signal {stop.name or 'on another rank'} at epoch {epoch}, step "
+                            f"{step + 1}/{n_batches}; state saved in {state.path}; rerun to resume")
+    sums, bad_step = distributed.sum_over_ranks(sums), distributed.first_bad_step(bad_step)
     if int(bad_step) >= 0:
         raise NonFiniteLoss(f"{s.cell.id}: non-finite loss at epoch {epoch}, step {int(bad_step)}; the last good "
                             f"state (epoch {epoch - 1}) is in {state.path.parent}; lower train.lr or check the "
@@ -249,6 +280,35 @@ def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, 
     return record
 
 
+def _epoch_start(tr: Trainer, state: TrainingState) -> tuple:
+    """(example order, first step, loss sums, first non-finite step) of a new epoch, or of the rest of one a
+    signal interrupted. Saved sums are the global ones: rank 0 carries them on, the other ranks start at 0."""
+    p = state.partial
+    if p is None:
+        return tr.batches.new_order(), 0, {}, torch.full((), -1, dtype=torch.long, device=tr.device)
+    sums = p["sums"] if tr.world.main else {k: torch.zeros_like(v) for k, v in p["sums"].items()}
+    return p["order"], p["step"], sums, p["bad_step"]
+
+
+def _shards(batches, order, first: int):
+    """``(x, y, shard)`` per step: this rank's rows of the global batch, or the batch itself (shard None)."""
+    if isinstance(batches, distributed.ShardedBatches):
+        yield from batches.iterate(order, first)
+        return
+    for x, y in batches.iterate(order, first):
+        yield x, y, None
+
+
+def _log_step(tr: Trainer, epoch: int, step: int, parts: dict, rows: int, shard) -> None:
+    """``train.step_log``: the global batch's loss parts of this step, one JSON line (a host sync per step)."""
+    total = shard.total if shard is not None else rows
+    sums = distributed.sum_over_ranks({k: v.detach().to(torch.float64) * rows for k, v in parts.items()})
+    if tr.world.main:
+        line = {"epoch": epoch, "step": step, **{k: float(v) / total for k, v in sums.items()}}
+        with open(tr.step_log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 def validate_and_select(tr: Trainer, state: TrainingState, record: dict) -> dict:
     """Validation accuracies into the record; the best checkpoint (``state/best.pt``) follows the selection rule."""
     s = tr.settings
@@ -258,8 +318,9 @@ def validate_and_select(tr: Trainer, state: TrainingState, record: dict) -> dict
     metric = val[tr.objective.select_on]
     if s.train.select == "last" or metric > state.best["metric"]:
         state.best = {"epoch": record["epoch"], "metric": metric}
-        checkpoint.save({"model": tr.selected.state_dict(), "epoch": record["epoch"], "fingerprint": state.fingerprint,
-                         **tr.meta()}, state.path.parent / "best.pt")
+        if tr.world.main:
+            checkpoint.save({"model": tr.selected.state_dict(), "epoch": record["epoch"], "fingerprint": state.fingerprint,
+                             **tr.meta()}, state.path.parent / "best.pt")
     return record
 
 
@@ -323,25 +384,39 @@ def finished_record(out_dir: Path, fingerprint: str) -> dict | None:
 
 
 def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, threads: int | None = None) -> dict:
-    """Train one cell into ``out_dir``; returns the train.json record."""
+    """Train one cell into ``out_dir``; returns the train.json record. One of several ranks when the environment
+    says so (rpat/distributed.py): then rank 0 writes every file and the MLflow run, and the others compute."""
     out_dir = Path(out_dir)
     fp = settings.train_fingerprint
+    world = distributed.world_from_env()
     done = finished_record(out_dir, fp)
     if done is not None:
-        print(f"[rpat] {settings.cell.id}: already trained with these settings ({out_dir / 'train.json'}); "
-              "nothing to do", file=sys.stderr)
+        if world.main:
+            print(f"[rpat] {settings.cell.id}: already trained with these settings ({out_dir / 'train.json'}); "
+                  "nothing to do", file=sys.stderr)
         return done
     objective = objectives.OBJECTIVES[settings.cell.method]
     if objective.provide is not None:  # weights from elsewhere (a pretrained model): nothing to train
-        return objective.provide(settings, out_dir, tracking)
-    tr = setup(settings, threads)
+        return objective.provide(settings, out_dir, tracking) if world.main else {}
+    tr = setup(settings, threads, world)
+    try:
+        return _train(tr, out_dir, tracking, fp)
+    finally:
+        distributed.shutdown()
+
+
+def _train(tr: Trainer, out_dir: Path, tracking: Mapping, fp: str) -> dict:
+    settings, main = tr.settings, tr.world.main
     state = TrainingState.restore(out_dir / "state" / "last.pt", tr, fp)
     run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=state.run_id,
-                  enabled=tracking["enabled"], new=state.run_id is None, name=settings.run_name)
-    state.run_id = run.run_id
+                  enabled=tracking["enabled"] and main, new=state.run_id is None, name=settings.run_name)
+    state.run_id = run.run_id if main else state.run_id
+    tr.step_log = out_dir / "steps.jsonl" if settings.train.step_log else None
+    if tr.step_log is not None and main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if state.epoch == 0 and state.partial is None:
         run.log_params(settings.resolved)
-        run.set_tags({"train_fingerprint": fp})
+        run.set_tags({"train_fingerprint": fp, "processes": str(tr.world.size)})
         for split in ("train", "val"):
             x, y = getattr(tr.splits, split)
             run.log_dataset(settings.cell.dataset, split, data.digest(x, y), len(y))
@@ -353,15 +428,19 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
             state.history.append(record)
             state.epoch = epoch
             state.save(tr)
-            write_progress(out_dir, settings, state)
-            run.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            print(f"[rpat] {settings.cell.id} epoch {epoch}/{epochs} loss {record.get('loss_total', math.nan):.4f} "
-                  f"val clean {record['val_clean']:.2f} pgd {record['val_pgd']:.2f} ({record['epoch_s']:.1f}s)",
-                  file=sys.stderr)
-            if stop.received is not None and epoch < epochs:
-                raise Preempted(f"{settings.cell.id}: signal {stop.name} after epoch {epoch}; state saved in "
-                                f"{state.path}; rerun to resume")
-        return finish(tr, state, out_dir, run, tracking)
+            if main:
+                write_progress(out_dir, settings, state)
+                run.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+                print(f"[rpat] {settings.cell.id} epoch {epoch}/{epochs} loss {record.get('loss_total', math.nan):.4f} "
+                      f"val clean {record['val_clean']:.2f} pgd {record['val_pgd']:.2f} ({record['epoch_s']:.1f}s)",
+                      file=sys.stderr)
+            if distributed.agree(stop.received is not None) and epoch < epochs:
+                distributed.barrier()
+                raise Preempted(f"{settings.cell.id}: signal {stop.name or 'on another rank'} after epoch {epoch}; "
+                                f"state saved in {state.path}; rerun to resume")
+        record = finish(tr, state, out_dir, run, tracking) if main else None
+        distributed.barrier()  # train.json is written before any rank reports the cell done
+        return record if record is not None else files.read_json(out_dir / "train.json")
 
 
 def train_cell(cfg: Config, cell: Cell, out_dir: str | Path, *, threads: int | None = None) -> dict:

@@ -13,8 +13,10 @@ Mix = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], tuple[torch
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 or float [0, 1] -> float32 [0, 1]."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    """uint8 0..255 or float [0, 1] -> [0, 1] in torch's default dtype (float32; float64 with
+    ``train.precision: float64``)."""
+    dtype = torch.get_default_dtype()
+    return x.to(dtype).div_(255.0) if x.dtype == torch.uint8 else x.to(dtype)
 
 
 class Batches:
