@@ -36,10 +36,12 @@ def cmd_train(args) -> int:
     from rpat.train import train
 
     cfg, cell = _load(args)
-    out = args.out or cfg.run_dir(cell)
+    out, settings = args.out or cfg.run_dir(cell), cfg.settings(cell)
+    args.processes = args.processes or settings.resources["processes"]
+    args.nodes = args.nodes or settings.resources["nodes"]
     if args.processes > 1 and not distributed.world_from_env().distributed:
-        return _launch_ranks(args, cfg.settings(cell), out)
-    train(cfg.settings(cell), out, tracking=cfg.tracking, threads=args.threads)
+        return _launch_ranks(args, settings, out)
+    train(settings, out, tracking=cfg.tracking, threads=args.threads)
     return 0
 
 
@@ -300,9 +302,11 @@ def _parser() -> argparse.ArgumentParser:
 
     t = job("train", cmd_train, "train one grid cell")
     t.add_argument("--out", help="run directory (default <results_dir>/runs/<cell>)")
-    t.add_argument("--processes", type=int, default=1, help="data-parallel processes (one per GPU); the result does "
-                   "not depend on it (docs/distributed.md); --threads is then shared by each machine's processes")
-    t.add_argument("--nodes", type=int, default=1, help="machines the processes spread over (inside a Slurm job)")
+    t.add_argument("--processes", type=int, help="data-parallel processes, one per GPU (default: the cell's "
+                   "resources.processes); the result does not depend on it (docs/distributed.md); --threads is then "
+                   "shared by each machine's processes")
+    t.add_argument("--nodes", type=int, help="machines the processes spread over, inside a Slurm job (default: the "
+                   "cell's resources.nodes)")
     e = job("evaluate", cmd_evaluate, "evaluate one trained cell: every registered measurement")
     e.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
     e.add_argument("--which", choices=["best", "last"],

@@ -412,6 +412,10 @@ def _train(tr: Trainer, out_dir: Path, tracking: Mapping, fp: str) -> dict:
                   enabled=tracking["enabled"] and main, new=state.run_id is None, name=settings.run_name)
     state.run_id = run.run_id if main else state.run_id
     tr.step_log = out_dir / "steps.jsonl" if settings.train.step_log else None
+    if tr.world.distributed and main:
+        backend = "nccl" if tr.device.type == "cuda" else "gloo"
+        print(f"[rpat] {settings.cell.id}: {tr.world.size} processes ({backend}), "
+              f"{settings.data.batch_size // tr.world.size} examples of each batch per process", file=sys.stderr)
     if tr.step_log is not None and main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if state.epoch == 0 and state.partial is None:

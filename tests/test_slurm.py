@@ -143,3 +143,41 @@ def test_tiny_grid_runs_through_slurm_with_gpu_requests(tmp_path):
         assert job["TresPerJob"] == "gres:gpu:1", job
         assert {"cpu=1", "mem=1000M"} <= set(job["TRES"].split(",")), job
         assert job["Partition"], job
+
+
+@pytest.mark.slow
+def test_one_cell_trains_as_a_two_task_slurm_job(tmp_path):
+    """resources.processes: 2 makes the training job one Slurm job with two tasks, whose ranks srun starts
+    (rpat/launch.py) and which train the cell together (tests/test_distributed.py: as one process would)."""
+    require_cluster()
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(
+        experiment="ddp-slurm", train={"epochs": 2}, data={"batch_size": 64, "train_subset": 256, "val_size": 100},
+        resources={"default": {"gpu": 0, "cpus": 1, "mem_mb": 1000, "runtime": 10, "processes": 2}})))
+    cell = CELLS[1]
+    target = f"results/runs/{cell}/train.json"
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+         "--profile", str(ROOT / "profiles" / "slurm"), "--workflow-profile", "none", "--configfile", str(cfg),
+         "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5", "--retries", "0", "--verbose",
+         target],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    calls = sbatch_calls(log)
+    assert sorted(calls) == ["train"] and len(calls["train"]) == 1, calls
+    flags = calls["train"][0].split()
+    assert "--ntasks=2" in flags and "--cpus-per-task=1" in flags, flags
+    assert not any(f.startswith("--gpus") for f in flags), flags
+    train_log = (tmp_path / "results" / "logs" / "train" / f"{cell}.log").read_text()
+    assert f"[rpat] {cell}: 2 processes (gloo), 32 examples of each batch per process" in train_log, train_log
+    assert train_log.count("epoch 2/2") == 1, train_log  # rank 0 reports, once
+    record = yaml.safe_load((tmp_path / target).read_text())
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert record["history"][-1]["val_clean"] > record["history"][0]["val_clean"] - 20
+    jobid = sorted((tmp_path / ".snakemake" / "slurm_logs" / "rule_train").glob("*/*.log"))[0].stem
+    job = scontrol_job(jobid)
+    if job:  # what slurmctld allocated: two tasks of one CPU each
+        assert job["JobState"] == "COMPLETED" and job["NumTasks"] == "2", job

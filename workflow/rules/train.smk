@@ -1,3 +1,15 @@
+from rpat.launch import job_request
+
+
+def training_request(wildcards):
+    """What a training job asks for: its cell's resources, with several processes as Slurm tasks (rpat/launch.py)."""
+    return job_request(settings_of(wildcards).resources)
+
+
+def training(key):
+    return lambda wildcards: training_request(wildcards)[key]
+
+
 rule train:
     input:
         prepared_data,
@@ -11,15 +23,22 @@ rule train:
         cell=cell_id,
         out=run_dir_of,
         settings=train_fingerprint,
-    threads: threads_of
+    threads: training("threads")
     resources:
-        gpu=gpus_of,
+        gpu=training("gpu"),
         mem_mb=mem_mb_of,
         runtime=runtime_of,
+        # several processes (resources.processes > 1): one Slurm task each; unset (None) for one process
+        tasks=training("tasks"),
+        nodes=training("nodes"),
+        mpi=training("mpi"),
+        tasks_per_gpu=training("tasks_per_gpu"),
+        cpus_per_task=training("cpus_per_task"),
     log:
         f"{LOGS}/train/{CELL_LOG}",
     conda:
         "../../environment.yml"
     shell:
+        # `rpat train` starts resources.processes ranks itself (locally, or with srun inside a Slurm job)
         "{params.rpat} train --config {params.configs} --cell {params.cell} --out {params.out}"
         " --threads {threads} > {log} 2>&1"
