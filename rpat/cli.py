@@ -32,14 +32,14 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
-    from rpat import distributed
+    from rpat import processes
     from rpat.train import train
 
     cfg, cell = _load(args)
     out, settings = args.out or cfg.run_dir(cell), cfg.settings(cell)
     args.processes = args.processes or settings.resources["processes"]
     args.nodes = args.nodes or settings.resources["nodes"]
-    if args.processes > 1 and not distributed.world_from_env().distributed:
+    if args.processes > 1 and not processes.world_from_env().distributed:
         return _launch_ranks(args, settings, out)
     train(settings, out, tracking=cfg.tracking, threads=args.threads)
     return 0
@@ -47,13 +47,13 @@ def cmd_train(args) -> int:
 
 def _launch_ranks(args, settings, out) -> int:
     """``--processes N``: the same command as N ranks (rpat/launch.py), after the checks that need no data."""
-    from rpat import distributed, launch
+    from rpat import launch, processes
 
-    problems = distributed.resource_problems({**settings.resources, "processes": args.processes,
+    problems = processes.resource_problems({**settings.resources, "processes": args.processes,
                                               "nodes": args.nodes, "gpu": min(settings.resources["gpu"], 1)},
                                              settings.data.batch_size)
     if problems:
-        raise distributed.DistributedSetupError("; ".join(problems))
+        raise processes.DistributedSetupError("; ".join(problems))
     worker = ["train", "--config", *args.config, "--cell", args.cell, "--out", str(out)]
     return launch.launch(worker, args.processes, args.nodes, threads=args.threads)
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     from rpat.errors import UserError
     from rpat.preemption import Preempted
 
-    from rpat.distributed import world_from_env
+    from rpat.processes import world_from_env
 
     say = world_from_env().main  # of several ranks, one says why they stopped
     try:

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from rpat import curve, distributed
+from rpat import curve, processes
 from rpat import settings as S
 from rpat.cells import PLAIN, Cell, CellError, block_cells, run_dir, run_name, varying_axes
 from rpat.errors import ConfigError
@@ -261,7 +261,7 @@ def _check_semantics(cfg: Config) -> None:
                              f"labels (CutMix mixes them); CutMix works with: {mixing}; set data.cutmix.enabled: "
                              "false in this block's `set`")
         problems_ += recipe_problems(s, objectives)
-        problems_ += [f"cell {cell.id}: {p}" for p in distributed.resource_problems(s.resources, s.data.batch_size)]
+        problems_ += [f"cell {cell.id}: {p}" for p in processes.resource_problems(s.resources, s.data.batch_size)]
         problems_ += curve.problems(s.eval.eps_grid, cat["measurements"])
     if problems_:
         raise invalid(problems_)

@@ -18,27 +18,13 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Mapping
 
-from rpat.distributed import SLURM_RANKS
+from rpat.processes import SLURM_RANKS
 from rpat.preemption import Preempted
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 KILL_GRACE_S = 10.0
 USER_ERROR = 2  # `rpat`'s exit code for a bad input (the error line says which)
-
-
-def job_request(resources: Mapping) -> dict:
-    """What one training job asks the workflow's scheduler for, from a cell's ``resources``: Snakemake's threads
-    (the CPUs of one machine) and resources. One process: exactly what every other job asks for. Several: one
-    Slurm task per process (``mpi`` makes the Slurm executor run the job's command in the batch step, where
-    ``rpat train`` starts the ranks with srun), ``gpu`` GPUs each, ``cpus`` CPUs each. A None is left unset."""
-    n, nodes, gpu, cpus = (int(resources[k]) for k in ("processes", "nodes", "gpu", "cpus"))
-    several = n > 1
-    return {"threads": cpus * -(-n // nodes), "gpu": gpu * n,
-            "tasks": n if several else None, "nodes": nodes if nodes > 1 else None,
-            "mpi": "srun" if several else None, "tasks_per_gpu": 1 if several and gpu else None,
-            "cpus_per_task": cpus if several else None}
 
 
 def free_port() -> int:

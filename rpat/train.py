@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from rpat import (accuracy, checkpoint, data, distributed, files, logged_model, models, objectives, recipes, runtime,
-                  schedules)
+from rpat import (accuracy, checkpoint, data, distributed, files, logged_model, models, objectives, processes, recipes,
+                  runtime, schedules)
 from rpat.averaging import WeightAverage, averaged_state
 from rpat.awp import WeightPerturbation
 from rpat.cells import Cell
-from rpat.distributed import World
+from rpat.processes import World
 from rpat.errors import UserError
 from rpat.objectives import EpochPlan, Objective
 from rpat.preemption import Preempted, StopSignals
@@ -163,7 +163,7 @@ def setup(settings: CellSettings, threads: int | None = None, world: World = Wor
     fmodel = torch.compile(model) if t.compile else model
     loss_model = None
     if world.distributed:
-        distributed.check_split(world.size, d.batch_size, objective.views, batches.examples,
+        processes.check_split(world.size, d.batch_size, objective.views, batches.examples,
                                 batches.examples % d.batch_size)
         batches = distributed.ShardedBatches(batches, objective.views, world)
         loss_model = torch.nn.parallel.DistributedDataParallel(
@@ -276,6 +276,8 @@ def run_epoch(tr: Trainer, state: TrainingState, epoch: int, stop: StopSignals, 
     n_train = tr.batches.examples * tr.objective.views
     record = {"epoch": epoch, "lr": lr}
     record.update({f"loss_{k}": float(v) / n_train for k, v in sums.items()})
+    if tr.device.type == "cuda":  # this process's peak (rank 0's; every rank holds the same share)
+        record["max_gpu_mb"] = torch.cuda.max_memory_allocated(tr.device) / 2**20
     record["t_epoch"] = t_epoch
     return record
 
@@ -304,7 +306,7 @@ def _log_step(tr: Trainer, epoch: int, step: int, parts: dict, rows: int, shard)
     total = shard.total if shard is not None else rows
     sums = distributed.sum_over_ranks({k: v.detach().to(torch.float64) * rows for k, v in parts.items()})
     if tr.world.main:
-        line = {"epoch": epoch, "step": step, **{k: float(v) / total for k, v in sums.items()}}
+        line = {"epoch": epoch, "step": step, "time": time.time(), **{k: float(v) / total for k, v in sums.items()}}
         with open(tr.step_log, "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -388,7 +390,7 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
     says so (rpat/distributed.py): then rank 0 writes every file and the MLflow run, and the others compute."""
     out_dir = Path(out_dir)
     fp = settings.train_fingerprint
-    world = distributed.world_from_env()
+    world = processes.world_from_env()
     done = finished_record(out_dir, fp)
     if done is not None:
         if world.main:

@@ -161,7 +161,19 @@ def test_resources_by_dataset_then_model():
                                   "by_model": {"cnn": {"runtime": 7}}})
     cfg = C.from_dict(raw)
     res = C.resources_for(cfg.resolve(cfg.cells()[0]))
-    assert res == {"gpu": 1, "cpus": 1, "mem_mb": 2000, "runtime": 7}
+    assert res == {"gpu": 1, "cpus": 1, "mem_mb": 2000, "runtime": 7, "processes": 1, "nodes": 1}
+
+
+def test_processes_and_the_step_log_leave_the_fingerprint_alone():
+    """A cell trained on 1 process resumes (and is done) on 4: the result depends on the seed, not on N."""
+    cfg = C.from_dict(with_changes())
+    cell = cfg.cells()[0]
+    fp = cfg.settings(cell).train_fingerprint
+    same = C.from_dict(with_changes(resources={"default": {"processes": 4, "nodes": 2}},
+                                    train={"step_log": True, "sync_batchnorm": True}))
+    assert same.settings(cell).train_fingerprint == fp
+    local_bn = C.from_dict(with_changes(train={"sync_batchnorm": False}))
+    assert local_bn.settings(cell).train_fingerprint != fp
 
 
 def test_yaml_is_loaded_safely(tmp_path):

@@ -9,6 +9,7 @@ from rpat.catalog import catalog
 from rpat.cells import PATTERN, Cell
 from rpat.report import outputs as report_outputs
 from rpat.report import training as training_curves
+from rpat.processes import job_request
 from rpat.settings import fingerprint
 from rpat.tracking import init_store, runs_url, tracking_uri
 
@@ -163,6 +164,15 @@ def prepared_data(wildcards):
 
 def threads_of(wildcards):
     return settings_of(wildcards).resources["cpus"]
+
+
+def training_request(wildcards):
+    """What a training job asks for: its cell's resources, with several processes as Slurm tasks (rpat/launch.py)."""
+    return job_request(settings_of(wildcards).resources)
+
+
+def training(key):
+    return lambda wildcards: training_request(wildcards)[key]
 
 
 def gpus_of(wildcards):

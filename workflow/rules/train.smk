@@ -1,15 +1,3 @@
-from rpat.launch import job_request
-
-
-def training_request(wildcards):
-    """What a training job asks for: its cell's resources, with several processes as Slurm tasks (rpat/launch.py)."""
-    return job_request(settings_of(wildcards).resources)
-
-
-def training(key):
-    return lambda wildcards: training_request(wildcards)[key]
-
-
 rule train:
     input:
         prepared_data,
