@@ -209,5 +209,5 @@ def pgd(
 
 def uniform_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """clip(x + u, 0, 1), u ~ U[-eps, eps]^d: the 'random' perturbation of the paper's analysis."""
-    u = (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps
+    u = (2 * distributed.draw(torch.rand, x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps
     return (x + u).clamp(0.0, 1.0)

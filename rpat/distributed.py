@@ -256,6 +256,8 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         if not (self.training and active()):
             return super().forward(x)
         dims = (0, 2, 3)
+        if x.dtype in (torch.bfloat16, torch.float16):  # statistics in float32, as BatchNorm under autocast
+            x = x.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         totals = _SumOverRanks.apply(torch.cat([x.sum(dims), count]))
         n = totals[-1]

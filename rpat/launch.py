@@ -42,10 +42,12 @@ def in_slurm_batch(processes: int, env=os.environ) -> bool:
 
 def launch(worker_args: list[str], processes: int, nodes: int = 1, threads: int | None = None) -> int:
     """Run ``python -m rpat <worker_args>`` as ``processes`` ranks over ``nodes`` machines; the job's exit code.
-    ``threads``: CPU threads of the whole job, shared evenly by the ranks of a machine."""
+    ``threads``: CPU threads of the whole job (default: this machine's CPUs), shared evenly by the ranks of a
+    machine, so that N ranks do not each start a thread per core."""
     per_node = -(-processes // nodes)
-    per_rank = max(1, threads // per_node) if threads else None
-    args = list(worker_args) + (["--threads", str(per_rank)] if per_rank else [])
+    threads = threads or len(os.sched_getaffinity(0))
+    per_rank = max(1, threads // per_node)
+    args = [*worker_args, "--threads", str(per_rank)]
     if nodes > 1 or in_slurm_batch(processes):
         return _srun(args, processes, nodes, per_rank)
     return _local(args, processes)
@@ -69,12 +71,11 @@ def _first_host(env=os.environ) -> str:
     return out.stdout.split()[0]
 
 
-def _srun(args: list[str], processes: int, nodes: int, per_rank: int | None) -> int:
+def _srun(args: list[str], processes: int, nodes: int, per_rank: int) -> int:
     env = {**os.environ, SLURM_RANKS: "1", "MASTER_ADDR": _first_host(),
            "MASTER_PORT": str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)}
-    cmd = ["srun", f"--ntasks={processes}", f"--nodes={nodes}", "--kill-on-bad-exit=1", "--export=ALL"]
-    if per_rank:
-        cmd.append(f"--cpus-per-task={per_rank}")
+    cmd = ["srun", f"--ntasks={processes}", f"--nodes={nodes}", "--kill-on-bad-exit=1", "--export=ALL",
+           f"--cpus-per-task={per_rank}"]
     return supervise([subprocess.Popen([*cmd, sys.executable, "-m", "rpat", *args], env=env)])
 
 
