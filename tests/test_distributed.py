@@ -37,7 +37,11 @@ BASE = {
     "grid": [{"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["pgd_at", "trades"],
               "rpat": [True], "seed": [0]},
              {"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["rebat"], "rpat": [True],
-              "seed": [0], "set": {"train": {"weight_average": {"kind": "none"}, "awp": {"enabled": False}}}}],
+              "seed": [0], "set": {"train": {"weight_average": {"kind": "none"}, "awp": {"enabled": False}}}},
+             # two augmented views per image (a view pair stays on one process) and SWA from the first epoch
+             {"dataset": ["digits"], "model": ["cnn"], "norm": ["linf"], "method": ["consistency"], "rpat": [True],
+              "seed": [0], "set": {"data": {"augment": "crop_flip"},
+                                   "train": {"weight_average": {"kind": "swa", "swa_start": 1}}}}],
 }
 AWP = {"awp": {"enabled": True, "gamma": 0.005, "warmup": 0}}
 
@@ -97,10 +101,11 @@ def assert_same_training(a: Path, b: Path) -> None:
     assert [(h["val_clean"], h["val_pgd"]) for h in ha] == [(h["val_clean"], h["val_pgd"]) for h in hb]
 
 
-CELLS = ["digits/cnn/linf/pgd_at+rpat/seed0", "digits/cnn/linf/trades+rpat/seed0", "digits/cnn/linf/rebat+rpat/seed0"]
+CELLS = ["digits/cnn/linf/pgd_at+rpat/seed0", "digits/cnn/linf/trades+rpat/seed0", "digits/cnn/linf/rebat+rpat/seed0",
+         "digits/cnn/linf/consistency+rpat/seed0"]
 
 
-@pytest.mark.parametrize("cell", CELLS, ids=["pgd_at+rpat", "trades+rpat", "rebat+rpat"])
+@pytest.mark.parametrize("cell", CELLS, ids=["pgd_at+rpat", "trades+rpat", "rebat+rpat", "consistency+rpat"])
 def test_two_processes_train_what_one_trains(tmp_path, cell):
     config = write_config(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -112,6 +117,23 @@ def test_two_processes_train_what_one_trains(tmp_path, cell):
     assert record["history"][-1]["loss_total"] == pytest.approx(
         json.loads((one / "train.json").read_text())["history"][-1]["loss_total"], rel=1e-6)
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_only_rank_0_logs_to_mlflow(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = write_config(tmp_path, {"tracking": {"enabled": True, "uri": uri, "log_model": False},
+                                     "train": {**BASE["train"], "epochs": 1}})
+    run(config, CELLS[0], tmp_path / "run", 2)
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp-test").experiment_id])
+    assert len(runs) == 1
+    assert runs[0].data.tags["processes"] == "2" and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "loss_total")
+    assert len(history) == 1
+    record = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert history[0].value == pytest.approx(record["history"][0]["loss_total"])
 
 
 def _children(pid: int) -> list[int]:
