@@ -15,6 +15,9 @@ On SIGTERM or SIGUSR1 (what Slurm sends before a time-limit or preemption kill) 
 current step, saves its state *within* the epoch (example order, step, partial sums, RNG states) and
 exits with code 75; rerun, it continues exactly where it stopped. A cell whose train.json and checkpoints exist with the same settings is not touched.
 
+Several processes (``resources.processes``, rpat/distributed.py, docs/distributed.md) train one cell as one
+process would: each takes its rows of every global batch; rank 0 writes every file and the MLflow run.
+
 Loss parts are summed on the device and read once per epoch: no host synchronisation per step.
 Speed options (``train.channels_last``, ``train.compile``) do not change float32 results;
 ``train.precision: bf16`` runs the forward passes under bf16 autocast (inputs, perturbations and
@@ -40,10 +43,10 @@ from rpat import (accuracy, checkpoint, data, distributed, files, logged_model, 
 from rpat.averaging import WeightAverage, averaged_state
 from rpat.awp import WeightPerturbation
 from rpat.cells import Cell
-from rpat.processes import World
 from rpat.errors import UserError
 from rpat.objectives import EpochPlan, Objective
 from rpat.preemption import Preempted, StopSignals
+from rpat.processes import World
 from rpat.settings import CellSettings, RpatSettings
 from rpat.tracking import CellRun
 
@@ -164,7 +167,7 @@ def setup(settings: CellSettings, threads: int | None = None, world: World = Wor
     loss_model = None
     if world.distributed:
         processes.check_split(world.size, d.batch_size, objective.views, batches.examples,
-                                batches.examples % d.batch_size)
+                              batches.examples % d.batch_size)
         batches = distributed.ShardedBatches(batches, objective.views, world)
         loss_model = torch.nn.parallel.DistributedDataParallel(
             fmodel, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
@@ -321,8 +324,8 @@ def validate_and_select(tr: Trainer, state: TrainingState, record: dict) -> dict
     if s.train.select == "last" or metric > state.best["metric"]:
         state.best = {"epoch": record["epoch"], "metric": metric}
         if tr.world.main:
-            checkpoint.save({"model": tr.selected.state_dict(), "epoch": record["epoch"], "fingerprint": state.fingerprint,
-                             **tr.meta()}, state.path.parent / "best.pt")
+            checkpoint.save({"model": tr.selected.state_dict(), "epoch": record["epoch"],
+                             "fingerprint": state.fingerprint, **tr.meta()}, state.path.parent / "best.pt")
     return record
 
 
@@ -400,11 +403,12 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
     objective = objectives.OBJECTIVES[settings.cell.method]
     if objective.provide is not None:  # weights from elsewhere (a pretrained model): nothing to train
         return objective.provide(settings, out_dir, tracking) if world.main else {}
-    tr = setup(settings, threads, world)
+    dtype = torch.get_default_dtype()  # train.precision: float64 changes it for the job
     try:
-        return _train(tr, out_dir, tracking, fp)
+        return _train(setup(settings, threads, world), out_dir, tracking, fp)
     finally:
         distributed.shutdown()
+        torch.set_default_dtype(dtype)
 
 
 def _train(tr: Trainer, out_dir: Path, tracking: Mapping, fp: str) -> dict:

@@ -97,7 +97,7 @@ def assert_same_training(a: Path, b: Path) -> None:
                 assert torch.equal(value, other), (part, key)
     # the BatchNorm running statistics moved (the comparison above is not of untouched buffers)
     assert not torch.allclose(ta["model"]["net.1.running_var"], torch.ones_like(ta["model"]["net.1.running_var"]))
-    ha, hb = json.loads((a / "train.json").read_text())["history"], json.loads((b / "train.json").read_text())["history"]
+    ha, hb = (json.loads((d / "train.json").read_text())["history"] for d in (a, b))
     assert [(h["val_clean"], h["val_pgd"]) for h in ha] == [(h["val_clean"], h["val_pgd"]) for h in hb]
 
 
