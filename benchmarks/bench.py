@@ -304,7 +304,7 @@ def bench_shards(out, *, quick: bool) -> None:
     """One cell's evaluation (AutoAttack on blocks of 8) as one process and as 2 shard processes run at once and
     merged (in the order 1, 2 then 2, 1 unless quick, medians), checking that the merged per-example outcomes
     equal the single process's."""
-    from rpat.evaluate import read_outcomes
+    from rpat.evaluation.results import read_outcomes
 
     n = 16 if quick else 32  # AutoAttack on digits costs ~1 s per robust example on one CPU thread
     cell = "digits/cnn/linf/pgd_at/seed0"

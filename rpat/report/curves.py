@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from rpat import files
-from rpat.cells import PLAIN
+from rpat.cells import PLAIN, CellFiles
 from rpat.report.plots import pyplot, save
 from rpat.report.tables import method_label
 
@@ -33,7 +33,7 @@ def load(eval_files) -> list[dict]:
     """The curve.json records beside the given eval.json files (those that exist)."""
     out = []
     for f in eval_files:
-        path = Path(f).parent / "curve.json"
+        path = CellFiles.beside(f).curve
         if path.is_file():
             out.append(files.read_record(path, ("cell", "dataset", "model", "norm", "method", "rpat", "seed",
                                                 "clean", "points")))
