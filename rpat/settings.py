@@ -162,6 +162,8 @@ SPEED_ONLY = ("device", "threads")
 EVAL_LAYOUT_ONLY = ("shards", "checkpoints")
 # Evaluation keys of the robustness curve only (its own job, rpat/curve.py): changing them does not redo eval.json.
 EVAL_CURVE_ONLY = ("eps_grid",)
+# Evaluation keys the perception analysis does not read.
+PERCEPTION_UNUSED = ("autoattack", "cw_steps", "eps_grid")
 # What a robustness curve's outcomes depend on besides its grid (the main evaluation's attacks and examples).
 CURVE_KEYS = ("n_examples", "subset", "subset_seed", "pgd_steps", "cw_steps", "autoattack", "block_size", "eps_grid")
 
@@ -263,6 +265,13 @@ class CellSettings:
         """What determines a checkpoint's evaluation outcomes (not the sharding, not the list of checkpoints)."""
         measured = {k: v for k, v in self.resolved["eval"].items() if k not in EVAL_LAYOUT_ONLY + EVAL_CURVE_ONLY}
         return fingerprint({"eval": measured, "train": self.train_fingerprint})
+
+    @property
+    def perception_fingerprint(self) -> str:
+        """What the perception analysis (rpat/perceive.py) depends on: the training and the eval keys it reads (not
+        AutoAttack's, CW's or the robustness curve's)."""
+        used = {k: v for k, v in self.resolved["eval"].items() if k not in PERCEPTION_UNUSED}
+        return fingerprint({"eval": used, "train": self.train_fingerprint})
 
     @property
     def curve_fingerprint(self) -> str:

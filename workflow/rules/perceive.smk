@@ -2,23 +2,19 @@
 
 rule perceive:
     input:
-        record=f"{CELL_DIR}/train.json",
+        record=str(CELL.train_record),
         checkpoint=primary_checkpoint,
     output:
-        json=f"{CELL_DIR}/perception.json",
-        npz=f"{CELL_DIR}/perception.npz",
+        json=str(CELL.perception),
+        npz=str(CELL.perception_values),
     params:
-        rpat=RPAT,
-        configs=CONFIG_ARG,
-        cell=cell_id,
+        **CELL_JOB_PARAMS,
         settings=perception_fingerprint,
     threads: threads_of
     resources:
-        gpu=gpus_of,
-        mem_mb=mem_mb_of,
-        runtime=runtime_of,
+        **cell_resources(),
     log:
-        f"{LOGS}/perceive/{CELL_LOG}",
+        str(CELL.log("perceive")),
     conda:
         "../../environment.yml"
     shell:
