@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from rpat.evaluate import evaluate, merge
+    from rpat.jobs.evaluate import evaluate, merge
 
     cfg, cell = _load(args)
     settings, cell_files = cfg.settings(cell), cfg.files(cell)
@@ -60,7 +60,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from rpat.curve import evaluate_curve
+    from rpat.jobs.curve import evaluate_curve
 
     cfg, cell = _load(args)
     cell_files = cfg.files(cell)
@@ -83,7 +83,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def cmd_perceive(args) -> int:
-    from rpat.perceive import perceive
+    from rpat.jobs.perceive import perceive
 
     cfg, cell = _load(args)
     cell_files = cfg.files(cell)

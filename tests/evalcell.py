@@ -5,7 +5,8 @@ from pathlib import Path
 
 from tiny import tiny_config
 
-from rpat import config, evaluate, train
+from rpat import config, train
+from rpat.jobs import evaluate
 from rpat.evaluation import results
 
 # A digits CNN trained with plain CE on which AutoAttack is cheap but not trivial: of its 32 evaluated examples

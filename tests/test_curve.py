@@ -1,4 +1,4 @@
-"""Robustness curves (eval.eps_grid, rpat/curve.py): the grid's validation, its fingerprint, the points measured
+"""Robustness curves (eval.eps_grid, rpat/jobs/curve.py): the grid's validation, its fingerprint, the points measured
 on a tiny trained cell (real PGD and AutoAttack, L1 included), resume after a signal, and the report's figure."""
 
 import os
@@ -10,7 +10,8 @@ import pytest
 import torch
 from evalcell import EVAL_CELL, NO_AA, cell_copy, outcomes_of, train_cell
 
-from rpat import config, curve, evaluate, report
+from rpat import config, report
+from rpat.jobs import curve, evaluate
 from rpat.errors import ConfigError
 from rpat.evaluation import eps_grid, measurements
 from rpat.evaluation.measurements import Measurement

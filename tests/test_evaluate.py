@@ -18,7 +18,8 @@ import yaml
 from evalcell import NO_AA, cell_copy, cfg_of, outcomes_of, train_cell
 from tiny import tiny_config
 
-from rpat import accuracy, blocks, cli, config, evaluate, models, train
+from rpat import accuracy, blocks, cli, config, models, train
+from rpat.jobs import evaluate
 from rpat.cells import CellFiles
 from rpat.evaluation import engine, measurements, results
 from rpat.evaluation.measurements import Measurement, Outcome

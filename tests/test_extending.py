@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rpat import accuracy, attacks, catalog, config, evaluate, objectives, report, train
+from rpat import accuracy, attacks, catalog, config, objectives, report, train
+from rpat.jobs import evaluate
 from rpat.evaluation import measurements
 from rpat.evaluation.measurements import EvalContext, Measurement, Outcome, _per_batch
 from rpat.objectives import Objective

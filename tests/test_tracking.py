@@ -18,7 +18,8 @@ from interrupt import signal_at_step
 from servers import wait_healthy
 from tiny import tiny_config, tiny_grid
 
-from rpat import checkpoint, config, evaluate, tracking, train
+from rpat import checkpoint, config, tracking, train
+from rpat.jobs import evaluate
 from rpat.reconcile import reconcile
 
 ROOT = Path(__file__).resolve().parents[1]

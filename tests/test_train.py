@@ -9,7 +9,8 @@ import torch
 from interrupt import signal_at_step
 from tiny import tiny_config, tiny_grid
 
-from rpat import accuracy, checkpoint, config, evaluate, train
+from rpat import accuracy, checkpoint, config, train
+from rpat.jobs import evaluate
 from rpat.evaluation import measurements
 
 # Two methods with and without RPAT; the learning rate drops tenfold after epoch 1; ReBAT's decay starts at

@@ -1,6 +1,6 @@
 """The points of a robustness curve (``eval.eps_grid``, docs/evaluation.md): what the grid lists, whether the
 registered measurements can measure it, and each point's threat. Pure (no torch): the config checks a grid with
-it; the curve job (rpat/curve.py) measures it.
+it; the curve job (rpat/jobs/curve.py) measures it.
 
 ``eval.eps_grid`` is a list of entries ``{norm, eps: [ε, ...], attacks: [key, ...]}``; every (norm, ε, attack) of
 an entry is a *point*: the registered measurement ``attack`` (rpat/evaluation/measurements.py) run with the threat

@@ -1,6 +1,6 @@
 """Robustness curves -> figure: accuracy against ε per norm and attack, each baseline beside its +RPAT cell.
 
-Reads the ``curve.json`` beside each eval.json (cells with an ``eval.eps_grid``, rpat/curve.py). One panel per
+Reads the ``curve.json`` beside each eval.json (cells with an ``eval.eps_grid``, rpat/jobs/curve.py). One panel per
 (dataset/model/training norm, curve norm, attack); one colour per method and recipe, the baseline dashed with
 circles and +RPAT solid with stars; the mean over seeds, with a band of ± one std where there are several. ε = 0
 is the cell's clean accuracy on the same examples.

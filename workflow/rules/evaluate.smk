@@ -1,7 +1,7 @@
 # One job per cell and checkpoint (eval.checkpoints; the first writes eval.json + outcomes.npz, another c writes
 # eval-c.json + outcomes-c.npz). With eval.shards: N > 1, N `evaluate_shard` jobs evaluate disjoint blocks of the
 # examples and `evaluate` merges their results instead of evaluating (docs/evaluation.md). A cell with an
-# eval.eps_grid also gets a `curve` job on its primary checkpoint (curve.json + curve.npz, rpat/curve.py). The file
+# eval.eps_grid also gets a `curve` job on its primary checkpoint (curve.json + curve.npz, rpat/jobs/curve.py). The file
 # names are rpat/cells.py's (CellFiles).
 
 rule evaluate_shard:

@@ -1,4 +1,4 @@
-# The paper's perception analysis of each cell's primary checkpoint, beside its evaluation (rpat/perceive.py).
+# The paper's perception analysis of each cell's primary checkpoint, beside its evaluation (rpat/jobs/perceive.py).
 
 rule perceive:
     input:

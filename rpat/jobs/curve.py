@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rpat import evaluate as ev
 from rpat import files
 from rpat.cells import Cell, CellFiles
 from rpat.config import Config
 from rpat.evaluation.eps_grid import Point, point_threat, points
 from rpat.evaluation.measurements import MEASUREMENTS
+from rpat.jobs import evaluate as ev
 from rpat.settings import CellSettings
 
 
