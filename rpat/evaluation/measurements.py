@@ -2,11 +2,11 @@
 derived from the measured accuracies.
 
 A measurement is one :func:`register` entry: a key (its column in eval.json, the tables and MLflow's
-``test_<key>``), a header for tables, and a function returning the per-example outcome (correct or not) on one
-block of the evaluated examples, plus any details to record. Derived metrics (Mean, NRR) are computed from
-measurements. The evaluation job (rpat/jobs/evaluate.py), the robustness curve (rpat/jobs/curve.py), report, tracking and
-the CLI read the registry (the last three through ``rpat.catalog``), so adding a measurement is one entry here
-plus its test.
+``test_<key>``), a header for tables, and a function returning the per-example outcome (correct or not) on one block
+of the evaluated examples, plus any details to record. Derived metrics (Mean, NRR) are computed from measurements.
+The evaluation job (rpat/jobs/evaluate.py), the robustness curve (rpat/jobs/curve.py), report, tracking and the CLI
+read the registry (the last three through ``rpat.catalog``), so adding a measurement is one entry here plus its
+test.
 """
 
 from __future__ import annotations

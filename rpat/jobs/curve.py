@@ -1,12 +1,12 @@
-"""The robustness curve job: accuracy against the radius ε, per norm and attack (``eval.eps_grid``, docs/evaluation.md;
-its points: rpat/evaluation/eps_grid.py).
+"""The robustness curve job: accuracy against the radius ε, per norm and attack (``eval.eps_grid``,
+docs/evaluation.md; its points: rpat/evaluation/eps_grid.py).
 
-``eval.eps_grid`` is a list of entries ``{norm, eps: [ε, ...], attacks: [key, ...]}``; every (norm, ε, attack) of
-an entry is a *point*. A point is the registered measurement ``attack`` (rpat/evaluation/measurements.py) run with the threat
-(norm, ε) in place of the cell's: the same block-wise, resumable engine, the same evaluated examples, and the
+``eval.eps_grid`` is a list of entries ``{norm, eps: [ε, ...], attacks: [key, ...]}``; every (norm, ε, attack) of an
+entry is a *point*. A point is the registered measurement ``attack`` (rpat/evaluation/measurements.py) run with the
+threat (norm, ε) in place of the cell's: the same block-wise, resumable engine, the same evaluated examples, and the
 same random numbers (a point draws from its measurement's block generator, so PGD-20's start at ε is its start at
-the cell's ε scaled, and the point at the cell's own (norm, ε) repeats eval.json's measurement exactly). PGD's
-step is the norm's ``threat`` step scaled with ε (2/255 at 8/255: ε/4). L1 is measured by AutoAttack only (its L1
+the cell's ε scaled, and the point at the cell's own (norm, ε) repeats eval.json's measurement exactly). PGD's step
+is the norm's ``threat`` step scaled with ε (2/255 at 8/255: ε/4). L1 is measured by AutoAttack only (its L1
 version: APGD-CE and APGD-T with L1 projections, FAB-T and Square; Croce & Hein, ICML 2021).
 
 The curve is its own job on the primary checkpoint (rule ``curve``): ``curve.json`` (the points' accuracies and

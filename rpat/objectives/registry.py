@@ -1,5 +1,6 @@
-"""The objective registry and the RPAT term (re-exported by :mod:`rpat.objectives`): :class:`Objective`, :func:`register`,
-:func:`compute_loss` and the pieces objectives share; the methods' modules import it to register themselves.
+"""The objective registry and the RPAT term (re-exported by :mod:`rpat.objectives`): :class:`Objective`,
+:func:`register`, :func:`compute_loss` and the pieces objectives share; the methods' modules import it to register
+themselves.
 """
 
 from __future__ import annotations
