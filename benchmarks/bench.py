@@ -201,19 +201,20 @@ def bench_eval(out, *, device, n: int, repeats: int) -> None:
     t_pgd = median_time(lambda: accuracies(model, batches, threat, steps=20, with_clean=False), repeats, 1, device)
     out({"name": "eval_clean", "value": n / t_clean, "unit": "img/s", "model": "cnn", "n": n, "device": str(device)})
     out({"name": "eval_pgd20", "value": n / t_pgd, "unit": "img/s", "model": "cnn", "n": n, "device": str(device)})
-    d, w, ratio = autoattack_times(model, batches, threat, 2 * ((repeats + 1) // 2), device)
+    d, w, ratio, pairs = autoattack_times(model, batches, threat, 2 * ((repeats + 1) // 2), device)
     out({"name": "eval_autoattack", "value": n / w, "unit": "img/s", "model": "cnn (untrained)", "n": n,
          "device": str(device)})
     out({"name": "autoattack_wrapper_overhead", "value": ratio, "unit": "ratio", "direct_s": d, "wrapped_s": w,
-         "n": n, "device": str(device)})
+         "pairs_s": pairs, "n": n, "device": str(device), "threads": torch.get_num_threads()})
 
 
-def autoattack_times(model, batches, threat: Threat, pairs: int, device) -> tuple[float, float, float]:
+def autoattack_times(model, batches, threat: Threat, pairs: int, device) -> tuple[float, float, float, list]:
     """Seconds of pyautoattack's standard evaluation called directly and of the evaluation's AutoAttack
     measurement (rpat/evaluation/measurements.py: attack by attack on the examples still robust) on the same
     examples, checked to agree example by example. One warm-up of each, then pairs run in alternating order
     (direct first, then wrapped first, ...), so neither side always runs on a machine the other has warmed or
-    slowed. Returns the median seconds of each and the median over the pairs of wrapped / direct."""
+    slowed. Returns the median seconds of each, the median over the pairs of wrapped / direct, and the pairs'
+    seconds (direct, wrapped)."""
     from pyautoattack import AutoAttack
 
     from rpat.evaluation.engine import EvalContext
@@ -237,8 +238,9 @@ def autoattack_times(model, batches, threat: Threat, pairs: int, device) -> tupl
     for i in range(pairs):
         for name, fn in (("direct", direct), ("wrapped", wrapped))[:: 1 if i % 2 == 0 else -1]:
             times[name].append(median_time(fn, 1, 0, device))
-    ratio = statistics.median(w / d for d, w in zip(times["direct"], times["wrapped"]))
-    return statistics.median(times["direct"]), statistics.median(times["wrapped"]), ratio
+    pair_s = [[round(d, 3), round(w, 3)] for d, w in zip(times["direct"], times["wrapped"])]
+    ratio = statistics.median(w / d for d, w in pair_s)
+    return statistics.median(times["direct"]), statistics.median(times["wrapped"]), ratio, pair_s
 
 
 def bench_data(out, *, device, batch: int, step_rate: float | None, repeats: int) -> None:
