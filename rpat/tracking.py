@@ -1,8 +1,9 @@
 """MLflow: the one place that names experiments, runs, params, metrics, tags, inputs and artifacts (the logged
 model: rpat/logged_model.py).
 
-The JSON files a job writes are the source of truth; MLflow is a browsable copy. Every call here
-is guarded: a tracking failure is reported on stderr and never stops a training job.
+The JSON files a job writes are the source of truth; MLflow is a browsable copy (``rpat sync-tracking`` makes it
+hold them: rpat/reconcile.py). Every call here is guarded: a tracking failure is reported on stderr and never stops
+a training job.
 
 Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``; the config's
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` override it. One experiment per config; one run per grid
