@@ -8,7 +8,7 @@ loaded machine shifts both sides alike. Lines (``name``, ``value``, ``unit`` + i
   reference_step               seconds per step of a re-creation of the published code's hot path
   speedup_vs_reference         reference step time / rpat step time (PGD-AT and PGD-AT+RPAT)
   eval_clean / eval_pgd20 / eval_autoattack     images per second
-  autoattack_wrapper_overhead  rpat's AutoAttack wrapper / pyautoattack called directly
+  autoattack_wrapper_overhead  the evaluation's AutoAttack measurement / pyautoattack called directly
   data_loading                 images per second delivered by the in-memory loader (crop+flip)
   data_vs_step                 loader rate / training-step rate (>1: data is not the bottleneck)
   eval_1_shard / eval_2_shards seconds for one cell's evaluation (AutoAttack dominates) as 1 process, and as 2
@@ -188,11 +188,8 @@ def bench_reference(out, *, model_name, batch, size, steps, repeats, device, our
 
 
 def bench_eval(out, *, device, n: int, repeats: int) -> None:
-    """Clean / PGD-20 / AutoAttack throughput, and the AutoAttack wrapper against pyautoattack directly."""
-    from pyautoattack import AutoAttack
-
+    """Clean / PGD-20 / AutoAttack throughput, and rpat's AutoAttack wrapper against pyautoattack directly."""
     from rpat.accuracy import accuracies
-    from rpat.autoattack import run_autoattack
 
     splits = data.load_splits("digits", {"val_size": 0})
     x, y = data.to_float(splits.test[0][:n]).to(device), splits.test[1][:n].to(device)
@@ -204,23 +201,46 @@ def bench_eval(out, *, device, n: int, repeats: int) -> None:
     t_pgd = median_time(lambda: accuracies(model, batches, threat, steps=20, with_clean=False), repeats, 1, device)
     out({"name": "eval_clean", "value": n / t_clean, "unit": "img/s", "model": "cnn", "n": n, "device": str(device)})
     out({"name": "eval_pgd20", "value": n / t_pgd, "unit": "img/s", "model": "cnn", "n": n, "device": str(device)})
-
-    def direct():
-        adversary = AutoAttack(model, norm="Linf", eps=0.2, seed=0, version="standard", device=device)
-        adversary.run_standard_evaluation(x, y, batch_size=500)
-
-    def wrapped():
-        run_autoattack(model, x, y, norm="linf", eps=0.2, seed=0, batch_size=500, device=device)
-
-    d_t, w_t = [], []
-    for _ in range(repeats):
-        d_t.append(median_time(direct, 1, 0, device))
-        w_t.append(median_time(wrapped, 1, 0, device))
-    d, w = statistics.median(d_t), statistics.median(w_t)
+    d, w, ratio, pairs = autoattack_times(model, batches, threat, 2 * ((repeats + 1) // 2), device)
     out({"name": "eval_autoattack", "value": n / w, "unit": "img/s", "model": "cnn (untrained)", "n": n,
          "device": str(device)})
-    out({"name": "autoattack_wrapper_overhead", "value": w / d, "unit": "ratio", "direct_s": d, "wrapped_s": w,
-         "n": n, "device": str(device)})
+    out({"name": "autoattack_wrapper_overhead", "value": ratio, "unit": "ratio", "direct_s": d, "wrapped_s": w,
+         "pairs_s": pairs, "n": n, "device": str(device), "threads": torch.get_num_threads()})
+
+
+def autoattack_times(model, batches, threat: Threat, pairs: int, device) -> tuple[float, float, float, list]:
+    """Seconds of pyautoattack's standard evaluation called directly and of the evaluation's AutoAttack
+    measurement (rpat/evaluation/measurements.py: attack by attack on the examples still robust) on the same
+    examples, checked to agree example by example. One warm-up of each, then pairs run in alternating order
+    (direct first, then wrapped first, ...), so neither side always runs on a machine the other has warmed or
+    slowed. Returns the median seconds of each, the median over the pairs of wrapped / direct, and the pairs'
+    seconds (direct, wrapped)."""
+    from pyautoattack import AutoAttack
+
+    from rpat.evaluation.engine import EvalContext
+    from rpat.evaluation.measurements import MEASUREMENTS
+    from rpat.settings import EvalSettings
+
+    settings = EvalSettings()
+    aa = settings.autoattack
+    ctx = EvalContext(model, threat, settings, batches, key="aa")
+
+    def direct():
+        adversary = AutoAttack(model, norm="Linf", eps=threat.eps, seed=aa.seed, version=aa.version, device=device)
+        return adversary.run_standard_evaluation(batches.x, batches.y, batch_size=500)[1] == batches.y
+
+    def wrapped():
+        return MEASUREMENTS["aa"].measure(ctx).correct
+
+    if not torch.equal(direct().cpu(), wrapped().cpu()):
+        raise RuntimeError("the AutoAttack measurement and pyautoattack disagree on some example")
+    times: dict[str, list[float]] = {"direct": [], "wrapped": []}
+    for i in range(pairs):
+        for name, fn in (("direct", direct), ("wrapped", wrapped))[:: 1 if i % 2 == 0 else -1]:
+            times[name].append(median_time(fn, 1, 0, device))
+    pair_s = [[round(d, 3), round(w, 3)] for d, w in zip(times["direct"], times["wrapped"])]
+    ratio = statistics.median(w / d for d, w in pair_s)
+    return statistics.median(times["direct"]), statistics.median(times["wrapped"]), ratio, pair_s
 
 
 def bench_data(out, *, device, batch: int, step_rate: float | None, repeats: int) -> None:
@@ -304,7 +324,7 @@ def bench_shards(out, *, quick: bool) -> None:
     """One cell's evaluation (AutoAttack on blocks of 8) as one process and as 2 shard processes run at once and
     merged (in the order 1, 2 then 2, 1 unless quick, medians), checking that the merged per-example outcomes
     equal the single process's."""
-    from rpat.evaluate import read_outcomes
+    from rpat.evaluation.results import read_outcomes
 
     n = 16 if quick else 32  # AutoAttack on digits costs ~1 s per robust example on one CPU thread
     cell = "digits/cnn/linf/pgd_at/seed0"

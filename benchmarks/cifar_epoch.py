@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rpat import config, evaluate, train
+from rpat import config, train
+from rpat.jobs import evaluate
 
 
 def run(args, precision: str, channels_last: bool, epochs: int, out: Path) -> dict:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from rpat.cells import CellFiles
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DIGITS = {
@@ -51,7 +53,7 @@ def run(configs: list[str], cell: str, processes: int, threads: int, out: Path) 
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"benchmarks/ddp.py: {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    rate, counted = steps_per_second(out / "steps.jsonl")
+    rate, counted = steps_per_second(CellFiles(out).step_log)
     history = json.loads((out / "train.json").read_text())["history"]
     line = {"name": "ddp_steps_per_s", "processes": processes, "value": rate, "unit": "steps/s", "steps": counted,
             "cell": cell, "device": json.loads((out / "train.json").read_text())["device"]}

@@ -31,7 +31,8 @@ def _cache_dir() -> Path:
 
 def build() -> dict:
     """Import the registries and list them (names, defaults, display names, measurements)."""
-    from rpat import attacks, data, evaluate, models, objectives, schedules
+    from rpat import attacks, data, models, objectives, schedules
+    from rpat.evaluation.measurements import DERIVED, MEASUREMENTS
 
     zoo = models.robustbench.catalog_entries()
     metric = lambda m: {"key": m.key, "header": m.header, "description": m.description, "paper": m.paper}  # noqa: E731
@@ -50,8 +51,8 @@ def build() -> dict:
                               "mixed_targets": o.mixed_targets, "choices": o.choices, "uses_teacher": o.uses_teacher,
                               "supports_awp": o.supports_awp, "help": o.help}
                        for name, o in objectives.OBJECTIVES.items()},
-        "measurements": [metric(m) | {"norms": list(m.norms)} for m in evaluate.MEASUREMENTS.values()],
-        "derived": [metric(d) for d in evaluate.DERIVED.values()],
+        "measurements": [metric(m) | {"norms": list(m.norms)} for m in MEASUREMENTS.values()],
+        "derived": [metric(d) for d in DERIVED.values()],
         "display": {
             "dataset": {n: d.display for n, d in data.DATASETS.items()},
             "model": {**{n: m.display for n, m in models.MODELS.items()}, **{n: n for n in zoo}},

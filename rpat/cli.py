@@ -1,7 +1,7 @@
 """``rpat train | evaluate | curve | perceive | report | export | prepare-data | sync-tracking | status |
 config-docs | info | bench``: every pipeline job, runnable by hand, and the tools around them. The workflow's
-rules call the jobs with explicit input and output paths; by hand the paths default to the cell's directory,
-``<results_dir>/runs/<cell>``.
+rules call the jobs with explicit input and output paths; by hand the paths default to the cell's files in its
+run directory under ``<results_dir>`` (named by ``rpat.cells.CellFiles``).
 
 Examples::
 
@@ -59,17 +59,17 @@ def _launch_ranks(args, settings, out) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from rpat.evaluate import evaluate, merge
+    from rpat.jobs.evaluate import evaluate, merge
 
     cfg, cell = _load(args)
-    settings, run_dir = cfg.settings(cell), cfg.run_dir(cell)
+    settings, cell_files = cfg.settings(cell), cfg.files(cell)
     primary = settings.eval.checkpoints[0]
     which = args.which or primary
-    out = args.out or run_dir / ("eval.json" if which == primary else f"eval-{which}.json")
+    out = args.out or cell_files.evaluation(which, primary)
     if args.merge:
         res = merge(settings, args.merge, out, tracking=cfg.tracking, outcomes_path=args.outcomes)
     else:
-        res = evaluate(settings, args.record or run_dir / "train.json", out, tracking=cfg.tracking, checkpoint=which,
+        res = evaluate(settings, args.record or cell_files.train_record, out, tracking=cfg.tracking, checkpoint=which,
                        checkpoint_path=args.checkpoint, outcomes_path=args.outcomes, shard=args.shard,
                        threads=args.threads)
     shard = res.get("shard", {"index": 1, "of": 1})
@@ -79,11 +79,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from rpat.curve import evaluate_curve
+    from rpat.jobs.curve import evaluate_curve
 
     cfg, cell = _load(args)
-    run_dir = cfg.run_dir(cell)
-    res = evaluate_curve(cfg.settings(cell), args.record or run_dir / "train.json", args.out or run_dir / "curve.json",
+    cell_files = cfg.files(cell)
+    res = evaluate_curve(cfg.settings(cell), args.record or cell_files.train_record, args.out or cell_files.curve,
                          outcomes_path=args.outcomes, checkpoint_path=args.checkpoint, threads=args.threads)
     print(json.dumps({"cell": cell.id, "clean": res["clean"],
                       "points": {f"{p['attack']}@{p['norm']}:{p['eps']:g}": p["accuracy"] for p in res["points"]}}))
@@ -102,11 +102,11 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def cmd_perceive(args) -> int:
-    from rpat.perceive import perceive
+    from rpat.jobs.perceive import perceive
 
     cfg, cell = _load(args)
-    run_dir = cfg.run_dir(cell)
-    res = perceive(cfg.settings(cell), args.record or run_dir / "train.json", args.out or run_dir / "perception.json",
+    cell_files = cfg.files(cell)
+    res = perceive(cfg.settings(cell), args.record or cell_files.train_record, args.out or cell_files.perception,
                    tracking=cfg.tracking, checkpoint_path=args.checkpoint, threads=args.threads)
     print(json.dumps({"cell": res["cell"], **res["mlflow_metrics"]}))
     return 0
@@ -123,13 +123,9 @@ def cmd_report(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     from rpat import data, files
-    from rpat.errors import UnknownName
 
     cfg, _ = _load(args)
-    cells = [c for c in cfg.cells() if c.dataset == args.dataset]
-    if not cells:
-        raise UnknownName(f"no cell of {cfg.source} uses dataset {args.dataset!r}")
-    summary = data.prepare(args.dataset, cfg.settings(cells[0]).data.options())
+    summary = data.prepare(args.dataset, cfg.data_options(args.dataset))
     print(json.dumps(summary))
     if args.out:
         files.write_json(args.out, summary)
@@ -150,10 +146,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_sync_tracking(args) -> int:
-    from rpat import tracking
+    from rpat.reconcile import reconcile
 
     cfg, _ = _load(args)
-    added = tracking.reconcile(cfg, Path(cfg.results_dir) / "runs")
+    added = reconcile(cfg)
     problems = added["problems"]
     for problem in problems:  # reported, not fatal: the other cells were reconciled
         print(f"rpat sync-tracking: skipped: {problem}", file=sys.stderr)
@@ -198,7 +194,8 @@ def cmd_config_docs(args) -> int:
 
 
 def info() -> dict:
-    from rpat import attacks, data, evaluate, models, objectives, schedules
+    from rpat import attacks, data, models, objectives, schedules
+    from rpat.evaluation.measurements import MEASUREMENTS
 
     model_rows = []
     for name, spec in sorted(models.MODELS.items()):
@@ -213,7 +210,7 @@ def info() -> dict:
         "attacks": {"norms": list(attacks.NORMS), "inner_losses": sorted(attacks.INNER_LOSSES),
                     "inits": list(attacks.INITS), "bn_modes": list(attacks.BN_MODES)},
         "measurements": [{"key": m.key, "header": m.header, "description": m.description}
-                         for m in evaluate.MEASUREMENTS.values()],
+                         for m in MEASUREMENTS.values()],
         "augmentations": sorted(data.AUGMENTATIONS),
         "schedules": list(schedules.SCHEDULES),
     }
@@ -308,7 +305,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--nodes", type=int, help="machines the processes spread over, inside a Slurm job (default: the "
                    "cell's resources.nodes)")
     e = job("evaluate", cmd_evaluate, "evaluate one trained cell: every registered measurement")
-    e.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
+    e.add_argument("--record", help="the cell's train.json (default: the one in its run directory)")
     e.add_argument("--which", choices=["best", "last"],
                    help="which checkpoint (default: the first of eval.checkpoints); names eval.json's 'checkpoint'")
     e.add_argument("--checkpoint", help="checkpoint file (default: the one train.json lists for --which)")
@@ -320,13 +317,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--merge", nargs="+", metavar="SHARD_JSON", help="combine these shard results into --out instead "
                    "of evaluating")
     c = job("curve", cmd_curve, "robustness curve of one trained cell: accuracy at every point of eval.eps_grid")
-    c.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
+    c.add_argument("--record", help="the cell's train.json (default: the one in its run directory)")
     c.add_argument("--checkpoint", help="checkpoint file (default: the first of eval.checkpoints in train.json)")
     c.add_argument("--out", help="curve.json to write (default beside train.json)")
     c.add_argument("--outcomes", help="per-example outcomes to write (default: curve.npz beside --out)")
     pc = job("perceive", cmd_perceive, "perception analysis of one trained cell: logit MSE under noise and PGD-20, "
              "and along the path to PGD-20's example")
-    pc.add_argument("--record", help="the cell's train.json (default <results_dir>/runs/<cell>/train.json)")
+    pc.add_argument("--record", help="the cell's train.json (default: the one in its run directory)")
     pc.add_argument("--checkpoint", help="checkpoint to analyse (default: the primary one eval names in train.json)")
     pc.add_argument("--out", help="perception.json to write, perception.npz beside it (default beside train.json)")
     r = job("report", cmd_report, "tables and plots from eval.json files", cell=False)

@@ -12,6 +12,7 @@ Fractions such as ``"8/255"`` are accepted wherever a number is expected.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -20,34 +21,43 @@ from typing import Any, Iterable
 
 import yaml
 
-from rpat import curve, processes
+from rpat import processes
 from rpat import settings as S
-from rpat.cells import PLAIN, Cell, CellError, block_cells, run_dir, run_name, varying_axes
-from rpat.errors import ConfigError
-from rpat.recipes import recipe_problems
+from rpat import zoo
+from rpat.catalog import catalog
+from rpat.cells import PLAIN, Cell, CellError, CellFiles, block_cells, run_name, varying_axes
+from rpat.errors import ConfigError, UnknownName
+from rpat.evaluation import eps_grid
 from rpat.schema import SECTIONS, problems
 
 __all__ = ["Cell", "Config", "ConfigError", "DEFAULTS", "SECTIONS", "block_cells", "deep_merge", "from_dict", "load"]
 
 
 def _method_defaults() -> dict:
-    from rpat.catalog import catalog
-
     return {name: copy.deepcopy(o["defaults"]) for name, o in catalog()["objectives"].items() if o["defaults"]}
 
 
-# The embedded defaults, built from the settings classes (rpat/settings.py) and the objectives' registry.
-DEFAULTS: dict[str, Any] = {
-    "results_dir": "results",
-    "tracking": {"enabled": True, "uri": None, "log_model": True, "register_model": None},
-    "data": S.defaults_of(S.DataSettings),
-    "threat": copy.deepcopy(S.THREAT_DEFAULTS),
-    "train": S.defaults_of(S.TrainSettings),
-    "methods": _method_defaults(),
-    "rpat": S.defaults_of(S.RpatSettings),
-    "eval": S.defaults_of(S.EvalSettings),
-    "resources": {"default": dict(S.RESOURCE_DEFAULTS), "by_model": {}, "by_dataset": {}},
-}
+@functools.lru_cache(maxsize=1)
+def defaults() -> dict[str, Any]:
+    """The embedded defaults, built from the settings classes (rpat/settings.py) and the objectives' registry (on
+    first use: the registry's catalog is read, or built, then)."""
+    return {
+        "results_dir": "results",
+        "tracking": {"enabled": True, "uri": None, "log_model": True, "register_model": None},
+        "data": S.defaults_of(S.DataSettings),
+        "threat": copy.deepcopy(S.THREAT_DEFAULTS),
+        "train": S.defaults_of(S.TrainSettings),
+        "methods": _method_defaults(),
+        "rpat": S.defaults_of(S.RpatSettings),
+        "eval": S.defaults_of(S.EvalSettings),
+        "resources": {"default": dict(S.RESOURCE_DEFAULTS), "by_model": {}, "by_dataset": {}},
+    }
+
+
+def __getattr__(name: str):
+    if name == "DEFAULTS":  # ``rpat.config.DEFAULTS``: :func:`defaults`, built when first read
+        return defaults()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -169,11 +179,11 @@ class Config:
 
     @property
     def results_dir(self) -> str:
-        return self.raw.get("results_dir", DEFAULTS["results_dir"])
+        return self.raw.get("results_dir", defaults()["results_dir"])
 
     @property
     def tracking(self) -> dict:
-        return {**DEFAULTS["tracking"], **self.raw.get("tracking", {})}
+        return {**defaults()["tracking"], **self.raw.get("tracking", {})}
 
     def blocks(self) -> list[dict]:
         return self.raw["grid"]
@@ -200,13 +210,25 @@ class Config:
             raise ConfigError(f"cell {cell.id} is not in the grid of {self.source}")
         return self.blocks()[self._owner[cell]]
 
+    def files(self, cell: Cell) -> CellFiles:
+        """Every file of ``cell`` under the config's ``results_dir``."""
+        return CellFiles.of(self.results_dir, cell)
+
     def run_dir(self, cell: Cell) -> Path:
-        return run_dir(self.results_dir, cell)
+        return self.files(cell).run
+
+    def data_options(self, dataset: str) -> dict:
+        """The data options a data set is prepared with: those of the grid's first cell on it (every cell on it
+        reads the prepared data)."""
+        cells = [c for c in self.cells() if c.dataset == dataset]
+        if not cells:
+            raise UnknownName(f"no cell of {self.source} uses dataset {dataset!r}")
+        return self.settings(cells[0]).data.options()
 
     def resolve(self, cell: Cell) -> dict:
         """The cell's full settings as a plain dict: defaults <- top-level sections <- its block's ``set``."""
         base = {k: v for k, v in self.raw.items() if k in SECTIONS}
-        resolved = deep_merge({k: DEFAULTS[k] for k in SECTIONS}, base)
+        resolved = deep_merge({k: defaults()[k] for k in SECTIONS}, base)
         resolved = deep_merge(resolved, self.block_of(cell).get("set", {}))
         resolved = deep_merge(resolved, self.recipes()[cell.recipe])
         resolved["cell"] = {**cell.tags(), "rpat": cell.rpat, "seed": cell.seed}
@@ -216,8 +238,6 @@ class Config:
     def settings(self, cell: Cell) -> S.CellSettings:
         """The cell's typed settings, resolved once per cell."""
         if cell not in self._settings:
-            from rpat.catalog import catalog
-
             resolved = self.resolve(cell)
             pretrained = catalog()["objectives"].get(cell.method, {}).get("pretrained", False)
             self._settings[cell] = S.CellSettings.from_resolved(cell, resolved, resources_for(resolved), pretrained,
@@ -225,10 +245,32 @@ class Config:
         return self._settings[cell]
 
 
-def _check_semantics(cfg: Config) -> None:
-    from rpat import zoo
-    from rpat.catalog import catalog
+def recipe_problems(s: S.CellSettings, objectives: dict) -> list[str]:
+    """Why the cell's recipes cannot run (``objectives``: the catalog's entries by name); empty if they can."""
+    t, name, out = s.train, s.cell.method, []
+    entry = objectives[name]
+    if entry.get("pretrained"):  # a zoo model: not trained here
+        return out
+    if t.weight_average.kind != "none" and entry["uses_teacher"]:
+        out.append(f"cell {s.cell.id}: {name} keeps its own weight average as its teacher (methods.{name}.decay "
+                   f"and warmup_epoch); set train.weight_average.kind: none for it")
+    if t.awp.enabled and not entry["supports_awp"]:
+        able = ", ".join(n for n, o in objectives.items() if o["supports_awp"])
+        out.append(f"cell {s.cell.id}: {name} does not take AWP (it perturbs weights against an adversarial "
+                   f"training loss: {able}); set train.awp.enabled: false for it")
+    if t.awp.enabled and t.awp.warmup >= t.epochs:
+        out.append(f"cell {s.cell.id}: train.awp.warmup={t.awp.warmup} leaves no epoch with AWP "
+                   f"(train.epochs={t.epochs}); lower it")
+    if t.weight_average.kind == "swa" and t.weight_average.swa_start > t.epochs:
+        out.append(f"cell {s.cell.id}: train.weight_average.swa_start={t.weight_average.swa_start} is after the "
+                   f"last epoch ({t.epochs}); lower it")
+    if t.eps_warmup_epochs > t.epochs:
+        out.append(f"cell {s.cell.id}: train.eps_warmup_epochs={t.eps_warmup_epochs} exceeds train.epochs="
+                   f"{t.epochs}: the full eps would never be trained")
+    return out
 
+
+def _check_semantics(cfg: Config) -> None:
     cat = catalog()
     objectives = cat["objectives"]
     problems_ = [f"grid[{i}].recipe: {r!r} is not defined; define it under `recipes:` (defined: "
@@ -262,7 +304,7 @@ def _check_semantics(cfg: Config) -> None:
                              "false in this block's `set`")
         problems_ += recipe_problems(s, objectives)
         problems_ += [f"cell {cell.id}: {p}" for p in processes.resource_problems(s.resources, s.data.batch_size)]
-        problems_ += curve.problems(s.eval.eps_grid, cat["measurements"])
+        problems_ += eps_grid.problems(s.eval.eps_grid, cat["measurements"])
     if problems_:
         raise invalid(problems_)
 

@@ -29,6 +29,7 @@ import torch
 
 from rpat import checkpoint as ckpt_io
 from rpat import files, models
+from rpat.cells import CellFiles
 from rpat.errors import UserError
 from rpat.models import robustbench
 
@@ -118,16 +119,11 @@ def export_name(cell_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", cell_id).strip("_")
 
 
-def eval_path(run_dir: Path, evaluation: dict, which: str) -> Path:
-    """Where the cell's evaluation of checkpoint ``which`` is: eval.json for the primary checkpoint (the one it
-    records), ``eval-<which>.json`` for any other."""
-    return run_dir / ("eval.json" if evaluation.get("checkpoint") == which else f"eval-{which}.json")
-
-
 def _records(run_dir: Path, which: str, expected: tuple[str, str] | None) -> tuple[dict, dict]:
     """train.json and the evaluation of checkpoint ``which``; ``expected`` = (cell id, training fingerprint) the
     config gives the cell, checked where given."""
-    paths = [run_dir / "train.json", run_dir / "eval.json"]
+    cell_files = CellFiles(run_dir)
+    paths = [cell_files.train_record, cell_files.primary_evaluation]
     for p in paths:
         if not p.is_file():
             raise ExportError(f"{p} does not exist; train and evaluate the cell before exporting it")
@@ -139,7 +135,7 @@ def _records(run_dir: Path, which: str, expected: tuple[str, str] | None) -> tup
     if which not in train.get("checkpoints", {}):
         raise ExportError(f"checkpoint {which!r} is not one of the cell's ({', '.join(train.get('checkpoints', {}))})")
     primary = files.read_json(paths[1])
-    path = eval_path(run_dir, primary, which)
+    path = cell_files.evaluation(which, primary=primary.get("checkpoint"))
     if not path.is_file():
         raise ExportError(f"the cell's evaluation did not measure its {which!r} checkpoint ({path} does not exist): "
                           f"export checkpoint {primary.get('checkpoint')!r}, which eval.json measured, or evaluate "

@@ -1,6 +1,6 @@
 """The training recipes that compose with every objective (docs/recipes.md): weight averaging (EMA, SWA),
 adversarial weight perturbation (AWP), an ε ramp-up, extra training data. Here: how they change one epoch's
-plan, and the combinations a config may not ask for. Torch-free, so planning a grid stays fast.
+plan (the combinations a config may not ask for are checked with the config: rpat/config.py).
 
 ε ramp-up (``train.eps_warmup_epochs`` = W > 0): epoch e trains against ε·min(1, e/W), the attack's step
 size unchanged (Andriushchenko & Flammarion 2020 ramp ε linearly over SVHN's first 5 epochs, per iteration;
@@ -10,13 +10,9 @@ rpat per epoch, through the epoch plan). Validation and evaluation always use th
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
-from rpat.settings import WeightAverageSettings
-
-if TYPE_CHECKING:
-    from rpat.objectives import EpochPlan, Objective
-    from rpat.settings import CellSettings
+from rpat.objectives import EpochPlan, Objective
+from rpat.settings import CellSettings, WeightAverageSettings
 
 
 def eps_scale(epoch: int, warmup_epochs: int) -> float:
@@ -51,28 +47,3 @@ def epoch_plan(objective: Objective, s: CellSettings, epoch: int, resumed: bool 
     if s.train.weight_average.kind != "none":
         changes["average_decay"] = average_decay(s.train.weight_average, epoch)
     return replace(plan, **changes) if changes else plan
-
-
-def recipe_problems(s: CellSettings, objectives: dict) -> list[str]:
-    """Why the cell's recipes cannot run (``objectives``: the catalog's entries by name); empty if they can."""
-    t, name, out = s.train, s.cell.method, []
-    entry = objectives[name]
-    if entry.get("pretrained"):  # a zoo model: not trained here
-        return out
-    if t.weight_average.kind != "none" and entry["uses_teacher"]:
-        out.append(f"cell {s.cell.id}: {name} keeps its own weight average as its teacher (methods.{name}.decay "
-                   f"and warmup_epoch); set train.weight_average.kind: none for it")
-    if t.awp.enabled and not entry["supports_awp"]:
-        able = ", ".join(n for n, o in objectives.items() if o["supports_awp"])
-        out.append(f"cell {s.cell.id}: {name} does not take AWP (it perturbs weights against an adversarial "
-                   f"training loss: {able}); set train.awp.enabled: false for it")
-    if t.awp.enabled and t.awp.warmup >= t.epochs:
-        out.append(f"cell {s.cell.id}: train.awp.warmup={t.awp.warmup} leaves no epoch with AWP "
-                   f"(train.epochs={t.epochs}); lower it")
-    if t.weight_average.kind == "swa" and t.weight_average.swa_start > t.epochs:
-        out.append(f"cell {s.cell.id}: train.weight_average.swa_start={t.weight_average.swa_start} is after the "
-                   f"last epoch ({t.epochs}); lower it")
-    if t.eps_warmup_epochs > t.epochs:
-        out.append(f"cell {s.cell.id}: train.eps_warmup_epochs={t.eps_warmup_epochs} exceeds train.epochs="
-                   f"{t.epochs}: the full eps would never be trained")
-    return out

@@ -151,7 +151,7 @@ class EvalSettings:
     autoattack: AutoAttackSettings = field(default_factory=AutoAttackSettings)
     block_size: int = 500  # examples per block: the unit of randomness, saved progress and sharding
     shards: int = 1  # jobs one cell's evaluation is split into (over disjoint blocks), merged into eval.json
-    # robustness curves (rpat/curve.py): [{norm, eps: [...], attacks: [...]}], evaluated into curve.json
+    # robustness curves (rpat/jobs/curve.py): [{norm, eps: [...], attacks: [...]}], evaluated into curve.json
     eps_grid: list = field(default_factory=list)
 
 
@@ -164,8 +164,10 @@ SPEED_ONLY = ("device", "threads")
 DIAGNOSTIC_ONLY = ("step_log",)
 # Evaluation keys that change how the work is split or which checkpoints are evaluated, not any outcome.
 EVAL_LAYOUT_ONLY = ("shards", "checkpoints")
-# Evaluation keys of the robustness curve only (its own job, rpat/curve.py): changing them does not redo eval.json.
+# Evaluation keys of the robustness curve only (its own job, rpat/jobs/curve.py): changing them does not redo eval.json.
 EVAL_CURVE_ONLY = ("eps_grid",)
+# Evaluation keys the perception analysis does not read.
+PERCEPTION_UNUSED = ("autoattack", "cw_steps", "eps_grid")
 # What a robustness curve's outcomes depend on besides its grid (the main evaluation's attacks and examples).
 CURVE_KEYS = ("n_examples", "subset", "subset_seed", "pgd_steps", "cw_steps", "autoattack", "block_size", "eps_grid")
 
@@ -271,8 +273,15 @@ class CellSettings:
         return fingerprint({"eval": measured, "train": self.train_fingerprint})
 
     @property
+    def perception_fingerprint(self) -> str:
+        """What the perception analysis (rpat/jobs/perceive.py) depends on: the training and the eval keys it reads (not
+        AutoAttack's, CW's or the robustness curve's)."""
+        used = {k: v for k, v in self.resolved["eval"].items() if k not in PERCEPTION_UNUSED}
+        return fingerprint({"eval": used, "train": self.train_fingerprint})
+
+    @property
     def curve_fingerprint(self) -> str:
-        """What determines the robustness curve's outcomes (rpat/curve.py): its grid, the attacks' settings, the
+        """What determines the robustness curve's outcomes (rpat/jobs/curve.py): its grid, the attacks' settings, the
         evaluated examples, the primary checkpoint and the training."""
         e = self.resolved["eval"]
         used = {k: e.get(k) for k in CURVE_KEYS}

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rpat import files
-from rpat.cells import Cell
+from rpat.cells import Cell, CellFiles
 
 STATES = ("planned", "training", "evaluating", "done", "failed")
-PROGRESS = "progress.json"
 FAILURE = re.compile(r"^Traceback \(most recent call last\):|^rpat [\w-]+: error:", re.M)
 STOPPED = re.compile(r"^rpat train: .*rerun to resume", re.M)
 TAIL_BYTES = 65536  # the end of a log is where a failure shows
@@ -68,29 +67,6 @@ def _read(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-class Layout:
-    """Where a cell's jobs write: its run directory and the logs of its train, evaluate and perceive jobs."""
-
-    def __init__(self, results_dir: str | Path, cell: Cell):
-        self.results, self.cell = Path(results_dir), cell
-        self.run = self.results / "runs" / cell.id
-
-    def log(self, rule: str) -> Path:
-        return self.results / "logs" / rule / f"{self.cell.id}.log"
-
-    def evaluation_logs(self) -> list[Path]:
-        """evaluate's logs: ``seed<N>.log``, ``seed<N>-<checkpoint>.log`` and the shards' ``seed<N>-<c>-<i>of<n>.log``."""
-        primary = self.log("evaluate")
-        if not primary.parent.is_dir():
-            return []
-        return sorted(p for p in primary.parent.iterdir()
-                      if p.name == primary.name or (p.name.startswith(f"{primary.stem}-") and p.suffix == ".log"))
-
-
-def _evaluation_files(checkpoints: tuple[str, ...]) -> list[str]:
-    return [f"eval{'' if c == checkpoints[0] else f'-{c}'}.json" for c in checkpoints]
-
-
 def _failure(logs: list[Path]) -> Path | None:
     for log in logs:
         text = log_tail(log)
@@ -99,10 +75,10 @@ def _failure(logs: list[Path]) -> Path | None:
     return None
 
 
-def training_status(layout: Layout, fingerprint: str, status: CellStatus) -> CellStatus:
+def training_status(cell_files: CellFiles, fingerprint: str, status: CellStatus) -> CellStatus:
     """A cell not trained yet: planned, or training with its last epoch's numbers."""
-    log = layout.log("train")
-    progress = _read(layout.run / PROGRESS)
+    log = cell_files.log("train")
+    progress = _read(cell_files.progress)
     if progress is not None and progress.get("fingerprint") != fingerprint:
         progress = None  # from other settings: training starts over
     text = log_tail(log)
@@ -125,37 +101,38 @@ def training_status(layout: Layout, fingerprint: str, status: CellStatus) -> Cel
 
 def cell_status(results_dir: str | Path, cell: Cell, settings) -> CellStatus:
     """Where ``cell`` stands (see the module's docstring for the rules)."""
-    layout = Layout(results_dir, cell)
+    cell_files = CellFiles.of(results_dir, cell)
     status = CellStatus(cell.id, "planned")
-    record = _read(layout.run / "train.json")
+    record = _read(cell_files.train_record)
     trained = record is not None and record.get("fingerprint") == settings.train_fingerprint
     if not trained:
-        failed = _failure([layout.log("train")])
+        failed = _failure([cell_files.log("train")])
         if failed is None:
-            return training_status(layout, settings.train_fingerprint, status)
+            return training_status(cell_files, settings.train_fingerprint, status)
         status.state, status.detail = "failed", f"train: see {failed}"
         return status
     history = record.get("history") or [{}]
     status.val_clean, status.val_pgd = history[-1].get("val_clean"), history[-1].get("val_pgd")
     pretrained = (record.get("selection") or {}).get("rule") == "pretrained"
     status.progress = "pretrained" if pretrained else f"epoch {len(record.get('history') or [])}/{settings.train.epochs}"
-    outputs = {name: "evaluate" for name in _evaluation_files(settings.eval.checkpoints)}
-    outputs["perception.json"] = "perceive"
-    missing = {name: rule for name, rule in outputs.items() if not (layout.run / name).is_file()}
+    primary = settings.eval.checkpoints[0]
+    outputs = {cell_files.evaluation(c, primary): "evaluate" for c in settings.eval.checkpoints}
+    outputs[cell_files.perception] = "perceive"
+    missing = {path.name: rule for path, rule in outputs.items() if not path.is_file()}
     if not missing:
         status.state = "done"
-        evaluation = _read(layout.run / "eval.json") or {}
+        evaluation = _read(cell_files.evaluation(primary, primary)) or {}
         status.detail = "test " + ", ".join(f"{k} {evaluation[k]:.2f}" for k in ("clean", "pgd20", "aa")
                                            if isinstance(evaluation.get(k), (int, float)))
         return status
-    logs = {"evaluate": layout.evaluation_logs(), "perceive": [layout.log("perceive")]}
+    logs = {"evaluate": cell_files.evaluation_logs(), "perceive": [cell_files.log("perceive")]}
     failed = _failure([log for rule in set(missing.values()) for log in logs[rule]])
     if failed is not None:
         rule = next(rule for rule, ls in logs.items() if failed in ls)
         status.state, status.detail = "failed", f"{rule}: see {failed}"
         return status
     status.state = "evaluating"
-    running = (layout.run / "eval-state").is_dir() or any(log.is_file() for rule in missing.values()
+    running = cell_files.evaluation_state_dir.is_dir() or any(log.is_file() for rule in missing.values()
                                                           for log in logs[rule])
     status.detail = f"{'running' if running else 'waiting'}: {', '.join(sorted(missing))}"
     return status

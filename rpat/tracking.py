@@ -1,8 +1,9 @@
 """MLflow: the one place that names experiments, runs, params, metrics, tags, inputs and artifacts (the logged
 model: rpat/logged_model.py).
 
-The JSON files a job writes are the source of truth; MLflow is a browsable copy. Every call here
-is guarded: a tracking failure is reported on stderr and never stops a training job.
+The JSON files a job writes are the source of truth; MLflow is a browsable copy (``rpat sync-tracking`` makes it
+hold them: rpat/reconcile.py). Every call here is guarded: a tracking failure is reported on stderr and never stops
+a training job.
 
 Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``; the config's
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` override it. One experiment per config; one run per grid
@@ -40,7 +41,7 @@ def tracking_uri(configured: str | None = None) -> str:
     return uri or f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
 
 
-def _warn(what: str, err: BaseException) -> None:
+def warn(what: str, err: BaseException) -> None:
     print(f"[rpat] MLflow {what} failed ({type(err).__name__}: {err}); the JSON results are unaffected",
           file=sys.stderr)
 
@@ -154,7 +155,7 @@ def init_store(uri: str, experiment: str) -> str | None:
     try:
         return open_store(uri, experiment)[1]
     except Exception as e:  # noqa: BLE001 - tracking must never stop the pipeline
-        _warn("store initialisation", e)
+        warn("store initialisation", e)
         return None
 
 
@@ -186,7 +187,7 @@ def end_status(err: BaseException | None) -> str:
     return "KILLED" if isinstance(err, (Preempted, KeyboardInterrupt)) else "FAILED"
 
 
-def _same(a: float | None, b: float) -> bool:
+def same_value(a: float | None, b: float) -> bool:
     return a is not None and (a == b or (math.isnan(a) and math.isnan(b)))
 
 
@@ -217,7 +218,7 @@ class CellRun:
             else:
                 self.run_id = retry(self._find_or_create, exp_id, tags, new)
         except Exception as e:  # noqa: BLE001
-            _warn("run creation", e)
+            warn("run creation", e)
             self.client = None
 
     def _exists(self, run_id: str) -> bool:
@@ -248,7 +249,7 @@ class CellRun:
         try:
             retry(fn, *args, **kwargs)
         except Exception as e:  # noqa: BLE001
-            _warn(what, e)
+            warn(what, e)
 
     def __enter__(self) -> "CellRun":
         self.guard("run start", lambda: self.client.update_run(self.run_id, status="RUNNING"))
@@ -282,7 +283,7 @@ class CellRun:
         def log():
             if step is None:
                 latest = self.client.get_run(self.run_id).data.metrics
-                fresh = {k: v for k, v in values.items() if not _same(latest.get(k), v)}
+                fresh = {k: v for k, v in values.items() if not same_value(latest.get(k), v)}
             else:
                 fresh = values
             ts = int(time.time() * 1000)
@@ -313,81 +314,3 @@ class CellRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.guard("run end", lambda: self.client.set_terminated(self.run_id, status))
-
-
-TRAIN_KEYS = ("cell", "fingerprint", "history", "settings")
-EVAL_KEYS = ("cell", "mlflow_metrics")
-
-
-def _missing_points(client, run_id: str, record: dict, results: dict | None) -> list:
-    """The metric points the JSON files hold and the run lacks: per-epoch metrics absent at their step, and
-    summary metrics (step 0) whose latest value differs."""
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    epochs = [(k, float(v), h["epoch"]) for h in record["history"] for k, v in h.items()
-              if k != "epoch" and v is not None]
-    have = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in {k for k, _, _ in epochs}}
-    missing = [Metric(k, v, ts, step) for k, v, step in epochs if step not in have[k]]
-    summary = {**record.get("mlflow_metrics", {}), **(results or {}).get("mlflow_metrics", {})}
-    latest = client.get_run(run_id).data.metrics
-    missing += [Metric(k, float(v), ts, 0) for k, v in summary.items()
-                if v is not None and not _same(latest.get(k), float(v))]
-    return missing
-
-
-def _reconcile_cell(cfg, cell, cell_dir: Path, added: dict) -> None:
-    """One cell's run made to hold its JSON results (see :func:`reconcile`); malformed files raise
-    :class:`rpat.files.ResultFileError` before MLflow is touched."""
-    from rpat.files import ResultFileError, read_record
-
-    train_path, eval_path = cell_dir / "train.json", cell_dir / "eval.json"
-    record = read_record(train_path, TRAIN_KEYS)
-    results = read_record(eval_path, EVAL_KEYS) if eval_path.is_file() else None
-    for path, rec in ((train_path, record), (eval_path, results)):
-        if rec is not None and rec["cell"] != cell.id:
-            raise ResultFileError(f"{path} holds the results of cell {rec['cell']!r}, not {cell.id}; it was copied "
-                                  "or moved: delete it and rerun the cell's jobs")
-    run = CellRun(cfg.tracking["uri"], cfg.experiment, cell.tags(), run_id=record.get("mlflow_run_id"),
-                  name=cfg.settings(cell).run_name)
-    if run.client is None or run.run_id is None:
-        return
-    client, run_id = run.client, run.run_id
-    if not retry(client.get_run, run_id).data.params:
-        added["runs"] += 1
-    run.log_params(record["settings"])
-    run.set_tags({"train_fingerprint": record["fingerprint"]})
-    missing = retry(_missing_points, client, run_id, record, results)
-    for i in range(0, len(missing), 500):
-        retry(client.log_batch, run_id, metrics=missing[i:i + 500])
-    added["metric_points"] += len(missing)
-    listed = {a.path for a in client.list_artifacts(run_id)}
-    for path in (train_path, eval_path):
-        if path.is_file() and path.name not in listed:
-            retry(client.log_artifact, run_id, str(path))
-            added["artifacts"] += 1
-    if results:
-        retry(client.set_terminated, run_id, "FINISHED")
-
-
-def reconcile(cfg, runs_dir: str | Path) -> dict:
-    """Make MLflow hold every cell's JSON results (idempotent): the run, its params and tags, every
-    epoch's metrics, the summary and test metrics and the JSON artifacts, whatever live logging managed
-    to write. A malformed result file is reported (in ``problems``) and the other cells are reconciled.
-    Returns counts of what was added, and the problems."""
-    from rpat.files import ResultFileError
-
-    added: dict = {"runs": 0, "metric_points": 0, "artifacts": 0, "problems": []}
-    if not cfg.tracking["enabled"]:
-        return added
-    for cell in cfg.cells():
-        cell_dir = Path(runs_dir) / cell.id
-        if not (cell_dir / "train.json").is_file():
-            continue
-        try:
-            _reconcile_cell(cfg, cell, cell_dir, added)
-        except ResultFileError as e:
-            added["problems"].append(str(e))
-        except Exception as e:  # noqa: BLE001 - tracking must never stop the pipeline
-            _warn(f"reconciliation of {cell.id}", e)
-    return added

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 
@@ -42,16 +42,15 @@ from rpat import (accuracy, checkpoint, data, distributed, files, logged_model, 
                   runtime, schedules)
 from rpat.averaging import WeightAverage, averaged_state
 from rpat.awp import WeightPerturbation
-from rpat.cells import Cell
+from rpat.cells import Cell, CellFiles
+from rpat.config import Config
 from rpat.errors import UserError
 from rpat.objectives import EpochPlan, Objective
 from rpat.preemption import Preempted, StopSignals
 from rpat.processes import World
+from rpat.records import finished_record, write_progress, write_record
 from rpat.settings import CellSettings, RpatSettings
 from rpat.tracking import CellRun
-
-if TYPE_CHECKING:  # rpat.config builds its defaults from the registries, which import this module
-    from rpat.config import Config
 
 __all__ = ["NonFiniteLoss", "Preempted", "train_cell", "train_step"]
 
@@ -334,11 +333,11 @@ def finish(tr: Trainer, state: TrainingState, out_dir: Path, run: CellRun, track
     train.json (written last: its presence means the cell is trained)."""
     s, t = tr.settings, tr.settings.train
     checkpoint.save({"model": tr.selected.state_dict(), "epoch": t.epochs, "fingerprint": state.fingerprint,
-                     **tr.meta()}, out_dir / "checkpoint-last.pt")
+                     **tr.meta()}, CellFiles(out_dir).checkpoint("last"))
     best = state.path.parent / "best.pt"
-    files.atomic_write(out_dir / "checkpoint-best.pt", lambda tmp: shutil.copyfile(best, tmp))
+    files.atomic_write(CellFiles(out_dir).checkpoint("best"), lambda tmp: shutil.copyfile(best, tmp))
     if tracking.get("log_model", True):
-        logged_model.log_model(run, out_dir / "checkpoint-best.pt", tracking.get("register_model"), s.cell.tags())
+        logged_model.log_model(run, CellFiles(out_dir).checkpoint("best"), tracking.get("register_model"), s.cell.tags())
     selection = {"rule": t.select, "split": "test" if t.select == "test" else "val",
                  "metric": f"val_{tr.objective.select_on}", "best_epoch": state.best["epoch"],
                  "best_value": state.best["metric"]}
@@ -347,45 +346,6 @@ def finish(tr: Trainer, state: TrainingState, out_dir: Path, run: CellRun, track
                         wall_s=wall_s, device=tr.device,
                         metrics={"best_epoch": state.best["epoch"], "best_val_metric": state.best["metric"],
                                  "train_wall_s": wall_s})
-
-
-def write_record(settings: CellSettings, out_dir: Path, run: CellRun, *, fingerprint: str, selection: dict,
-                 history: list, wall_s: float, device, metrics: dict) -> dict:
-    """Write the cell's train.json (last: its presence means the cell is trained) and log it to its MLflow run."""
-    s = settings
-    result = {
-        "cell": s.cell.id, **s.cell.tags(), "rpat": s.cell.rpat, "seed": s.cell.seed, "experiment": s.experiment,
-        "fingerprint": fingerprint, "selection": selection,
-        "checkpoints": {"best": "checkpoint-best.pt", "last": "checkpoint-last.pt"},
-        "history": history, "wall_s": wall_s, "device": str(device), "torch": torch.__version__,
-        "mlflow_run_id": run.run_id, "settings": s.resolved, "mlflow_metrics": metrics,
-    }
-    files.write_json(out_dir / "train.json", result)
-    run.log_metrics(metrics)
-    run.log_artifact(out_dir / "train.json")
-    return result
-
-
-def write_progress(out_dir: Path, settings: CellSettings, state: TrainingState) -> None:
-    """``progress.json`` after every epoch: the epoch reached, its validation accuracies and the seconds per
-    epoch, what ``rpat status`` shows while the cell trains (rpat/status.py); written atomically."""
-    last, seconds = state.history[-1], [h["epoch_s"] for h in state.history]
-    files.write_json(out_dir / "progress.json", {
-        "cell": settings.cell.id, "fingerprint": state.fingerprint, "epoch": state.epoch,
-        "epochs": settings.train.epochs, "val_clean": last["val_clean"], "val_pgd": last["val_pgd"],
-        "loss_total": last.get("loss_total"), "epoch_s": last["epoch_s"],
-        "mean_epoch_s": sum(seconds) / len(seconds), "updated": time.time()})
-
-
-def finished_record(out_dir: Path, fingerprint: str) -> dict | None:
-    """train.json of a cell already trained with these settings (both checkpoints present), else None."""
-    try:
-        record = files.read_json(out_dir / "train.json")
-    except (OSError, ValueError):
-        return None
-    done = isinstance(record, dict) and record.get("fingerprint") == fingerprint
-    return record if done and all((out_dir / n).is_file() for n in ("checkpoint-best.pt", "checkpoint-last.pt")) \
-        else None
 
 
 def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, threads: int | None = None) -> dict:
@@ -397,8 +357,8 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
     done = finished_record(out_dir, fp)
     if done is not None:
         if world.main:
-            print(f"[rpat] {settings.cell.id}: already trained with these settings ({out_dir / 'train.json'}); "
-                  "nothing to do", file=sys.stderr)
+            print(f"[rpat] {settings.cell.id}: already trained with these settings "
+                  f"({CellFiles(out_dir).train_record}); nothing to do", file=sys.stderr)
         return done
     objective = objectives.OBJECTIVES[settings.cell.method]
     if objective.provide is not None:  # weights from elsewhere (a pretrained model): nothing to train
@@ -413,11 +373,11 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
 
 def _train(tr: Trainer, out_dir: Path, tracking: Mapping, fp: str) -> dict:
     settings, main = tr.settings, tr.world.main
-    state = TrainingState.restore(out_dir / "state" / "last.pt", tr, fp)
+    state = TrainingState.restore(CellFiles(out_dir).training_state / "last.pt", tr, fp)
     run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=state.run_id,
                   enabled=tracking["enabled"] and main, new=state.run_id is None, name=settings.run_name)
     state.run_id = run.run_id if main else state.run_id
-    tr.step_log = out_dir / "steps.jsonl" if settings.train.step_log else None
+    tr.step_log = CellFiles(out_dir).step_log if settings.train.step_log else None
     if tr.world.distributed and main:
         backend = "nccl" if tr.device.type == "cuda" else "gloo"
         print(f"[rpat] {settings.cell.id}: {tr.world.size} processes ({backend}), "
@@ -450,7 +410,7 @@ def _train(tr: Trainer, out_dir: Path, tracking: Mapping, fp: str) -> dict:
                                 f"state saved in {state.path}; rerun to resume")
         record = finish(tr, state, out_dir, run, tracking) if main else None
         distributed.barrier()  # train.json is written before any rank reports the cell done
-        return record if record is not None else files.read_json(out_dir / "train.json")
+        return record if record is not None else files.read_json(CellFiles(out_dir).train_record)
 
 
 def train_cell(cfg: Config, cell: Cell, out_dir: str | Path, *, threads: int | None = None) -> dict:

@@ -5,7 +5,9 @@ from pathlib import Path
 
 from tiny import tiny_config
 
-from rpat import config, evaluate, train
+from rpat import config, train
+from rpat.jobs import evaluate
+from rpat.evaluation import results
 
 # A digits CNN trained with plain CE on which AutoAttack is cheap but not trivial: of its 32 evaluated examples
 # (4 blocks of 8), block 1 keeps 2 robust after APGD-CE, 1 of them after APGD-T, FAB-T and Square; block 3 keeps 1
@@ -43,4 +45,4 @@ def cell_copy(trained: Path, results_dir: Path, **eval_changes) -> tuple[config.
 
 
 def outcomes_of(run_dir: Path, name: str = "outcomes.npz") -> dict:
-    return {k: v.tolist() for k, v in evaluate.read_outcomes(run_dir / name).items()}
+    return {k: v.tolist() for k, v in results.read_outcomes(run_dir / name).items()}

@@ -4,7 +4,8 @@ import pytest
 import torch
 from tiny import tiny_config
 
-from rpat import config, data, evaluate, train
+from rpat import config, data, train
+from rpat.jobs import evaluate
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Robustness curves (eval.eps_grid, rpat/curve.py): the grid's validation, its fingerprint, the points measured
+"""Robustness curves (eval.eps_grid, rpat/jobs/curve.py): the grid's validation, its fingerprint, the points measured
 on a tiny trained cell (real PGD and AutoAttack, L1 included), resume after a signal, and the report's figure."""
 
 import os
@@ -10,9 +10,11 @@ import pytest
 import torch
 from evalcell import EVAL_CELL, NO_AA, cell_copy, outcomes_of, train_cell
 
-from rpat import config, curve, evaluate, report
+from rpat import config, report
+from rpat.jobs import curve, evaluate
 from rpat.errors import ConfigError
-from rpat.evaluate import Measurement
+from rpat.evaluation import eps_grid, measurements
+from rpat.evaluation.measurements import Measurement
 from rpat.preemption import Preempted
 from rpat.report import curves
 
@@ -57,12 +59,12 @@ def test_the_grid_has_its_own_fingerprint_and_leaves_the_evaluations_alone():
     a, b, c = (cfg.settings(cell) for cfg in (plain, with_grid, other))
     assert a.eval_fingerprint == b.eval_fingerprint == c.eval_fingerprint  # eval.json is not redone
     assert len({a.curve_fingerprint, b.curve_fingerprint, c.curve_fingerprint}) == 3
-    pts = curve.points(b.eval)
+    pts = eps_grid.points(b.eval)
     assert [(p.norm, p.eps, p.attack) for p in pts][:2] == [("linf", 1e-4, "pgd20"), ("linf", 0.1, "pgd20")]
-    assert len(pts) == 8 and pts[-1] == curve.Point("l1", 8.0, "aa")
+    assert len(pts) == 8 and pts[-1] == eps_grid.Point("l1", 8.0, "aa")
     # PGD's step follows eps: the cell's 0.075 at 0.3; L1 (AutoAttack only) borrows nothing
-    assert curve.point_threat(b, "linf", 0.15).step == pytest.approx(0.0375)
-    assert curve.point_threat(b, "l1", 8.0).eps == 8.0
+    assert eps_grid.point_threat(b, "linf", 0.15).step == pytest.approx(0.0375)
+    assert eps_grid.point_threat(b, "l1", 8.0).eps == 8.0
     with pytest.raises(evaluate.EvaluationError, match="has no eval.eps_grid: there is no curve to measure"):
         curve.evaluate_curve(a, Path("nowhere/train.json"), Path("nowhere/curve.json"))  # before reading anything
     # the report draws the curves only when a cell has a grid
@@ -112,10 +114,10 @@ def test_a_signalled_curve_resumes_to_the_same_outcomes(trained, tmp_path, monke
         calls.append((ctx.threat.eps, ctx.block))
         if len(calls) == 6:  # the second point's second block
             os.kill(os.getpid(), signal.SIGTERM)
-        return evaluate.pgd20(ctx)
+        return measurements.pgd20(ctx)
 
     cfg, run_dir = cell_copy(trained, tmp_path / "stopped", **NO_AA, eps_grid=grid)
-    monkeypatch.setitem(evaluate.MEASUREMENTS, "pgd20", Measurement("pgd20", "PGD-20", "", pgd20_then_sigterm))
+    monkeypatch.setitem(measurements.MEASUREMENTS, "pgd20", Measurement("pgd20", "PGD-20", "", pgd20_then_sigterm))
     with pytest.raises(Preempted, match=r"signal SIGTERM after pgd20@linf:0.1 on block 1"):
         curve.curve_cell(cfg, cfg.cells()[0], run_dir)
     state = torch.load(run_dir / "eval-state" / "curve-best.pt", weights_only=True)

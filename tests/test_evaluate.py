@@ -18,8 +18,11 @@ import yaml
 from evalcell import NO_AA, cell_copy, cfg_of, outcomes_of, train_cell
 from tiny import tiny_config
 
-from rpat import accuracy, blocks, cli, config, evaluate, models, train
-from rpat.evaluate import Measurement, Outcome
+from rpat import accuracy, blocks, cli, config, models, train
+from rpat.jobs import evaluate
+from rpat.cells import CellFiles
+from rpat.evaluation import engine, measurements, results
+from rpat.evaluation.measurements import Measurement, Outcome
 from rpat.files import ResultFileError
 from rpat.preemption import Preempted
 from rpat.settings import Threat
@@ -68,13 +71,13 @@ def test_outcomes_file_round_trip_and_a_truncated_one_names_itself(tmp_path):
 
     path = tmp_path / "outcomes.npz"
     write_outcomes(path, {"index": np.array([3, 7, 9]), "clean": np.array([True, False, True])})
-    got = evaluate.read_outcomes(path)
+    got = results.read_outcomes(path)
     assert got["index"].dtype == np.int64 and got["index"].tolist() == [3, 7, 9]
     assert got["clean"].dtype == bool and got["clean"].tolist() == [True, False, True]
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(ResultFileError, match="outcomes.npz cannot be read"):
-        evaluate.read_outcomes(path)
-    assert evaluate.outcomes_path_for(tmp_path / "eval-last.json") == tmp_path / "outcomes-last.npz"
+        results.read_outcomes(path)
+    assert CellFiles.outcomes_beside(tmp_path / "eval-last.json") == tmp_path / "outcomes-last.npz"
 
 
 def test_eval_json_and_outcomes_for_best_and_last(trained, tmp_path):
@@ -86,7 +89,7 @@ def test_eval_json_and_outcomes_for_best_and_last(trained, tmp_path):
     assert last["checkpoint_epoch"] == 4 and best["checkpoint_epoch"] == record["selection"]["best_epoch"]
     assert best["outcomes"] == "outcomes.npz" and last["outcomes"] == "outcomes-last.npz"
     assert best["aa_package"].startswith("pyautoattack ") and best["aa"] is None
-    out = evaluate.read_outcomes(run_dir / "outcomes.npz")
+    out = results.read_outcomes(run_dir / "outcomes.npz")
     assert sorted(out) == ["clean", "cw", "index", "pgd20"]
     assert np.all(np.diff(out["index"]) > 0) and best["examples"]["n"] == len(out["index"]) == 32
     for key in ("clean", "pgd20", "cw"):
@@ -109,10 +112,10 @@ def test_signal_saves_progress_and_the_rerun_resumes_to_the_same_outcomes(traine
         calls.append(ctx.block)
         if len(calls) == 2:  # as a scheduler would, between two blocks' work
             os.kill(os.getpid(), signal.SIGTERM)
-        return evaluate.pgd20(ctx)
+        return measurements.pgd20(ctx)
 
     cfg, run_dir = cell_copy(trained, tmp_path / "stopped", **NO_AA)
-    monkeypatch.setitem(evaluate.MEASUREMENTS, "pgd20", Measurement("pgd20", "PGD-20", "", pgd20_then_sigterm))
+    monkeypatch.setitem(measurements.MEASUREMENTS, "pgd20", Measurement("pgd20", "PGD-20", "", pgd20_then_sigterm))
     with pytest.raises(Preempted, match="signal SIGTERM after pgd20 on block 1"):
         evaluate.evaluate_cell(cfg, cfg.cells()[0], run_dir)
     state = torch.load(run_dir / "eval-state" / "best.pt", weights_only=True)
@@ -170,7 +173,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_outcomes(trained, tmp_path
 
     monkeypatch.setattr(evaluate, "load_model", lambda p, d: (lambda m, c: (OutOfMemoryAbove(m, 0), c))(*real(p, d)))
     cfg, run_dir = cell_copy(trained, tmp_path / "never", **NO_AA)
-    with pytest.raises(evaluate.OutOfMemory, match="one example at a time"):
+    with pytest.raises(engine.OutOfMemory, match="one example at a time"):
         evaluate.evaluate_cell(cfg, cfg.cells()[0], run_dir)
 
 
@@ -200,7 +203,7 @@ def test_shards_merge_into_the_unsharded_result(trained, tmp_path):
         assert merged[key] == whole[key]
     assert merged["shards"] == 3 and len(merged["shard_wall_s"]) == 3
 
-    with pytest.raises(evaluate.MergeError, match=r"shards \[1, 2\] given, but the evaluation was split into 3"):
+    with pytest.raises(results.MergeError, match=r"shards \[1, 2\] given, but the evaluation was split into 3"):
         evaluate.merge(s, paths[:2], tmp_path / "x.json", tracking=cfg.tracking)
     other = cfg_of(tmp_path / "three", shards=3, pgd_steps=2, **NO_AA).settings(cfg.cells()[0])
     with pytest.raises(evaluate.EvaluationError, match="best-1of3.json was computed with other evaluation settings"):

@@ -17,7 +17,7 @@ import yaml
 from evalcell import cell_copy, outcomes_of, train_cell
 from tiny import tiny_config
 
-from rpat import evaluate
+from rpat.jobs import evaluate
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import torch
 import yaml
 from tiny import tiny_config
 
-from rpat import accuracy, checkpoint, cli, config, data, evaluate, files, models, train
+from rpat import accuracy, checkpoint, cli, config, data, files, models, train
+from rpat.jobs import evaluate
 from rpat.settings import Threat
 from rpat.export import ExportError, eps_string, export_cell, model_info, percent_string
 

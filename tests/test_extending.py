@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from rpat import accuracy, attacks, catalog, config, evaluate, objectives, report, train
-from rpat.evaluate import EvalContext, Measurement, Outcome, _per_batch
+from rpat import accuracy, attacks, catalog, config, objectives, report, train
+from rpat.jobs import evaluate
+from rpat.evaluation import measurements
+from rpat.evaluation.measurements import EvalContext, Measurement, Outcome, _per_batch
 from rpat.objectives import Objective
 from rpat.objectives.baselines import adversarial_ce_loss, threat_pgd
 from tiny import tiny_config
@@ -32,7 +34,7 @@ def fresh_catalog(monkeypatch, tmp_path):
 
 
 def test_a_measurement_is_one_registered_entry(fresh_catalog, monkeypatch, tmp_path):
-    monkeypatch.setitem(evaluate.MEASUREMENTS, "fgsm", Measurement("fgsm", "FGSM", "accuracy under FGSM", fgsm))
+    monkeypatch.setitem(measurements.MEASUREMENTS, "fgsm", Measurement("fgsm", "FGSM", "accuracy under FGSM", fgsm))
     cfg = config.from_dict(tiny_config(results_dir=str(tmp_path), grid=[{**tiny_config()["grid"][0], "rpat": [False]}],
                                        tracking={"enabled": False}, eval={"autoattack": {"enabled": False}}))
     cell = cfg.cells()[0]

@@ -12,7 +12,8 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from tiny import tiny_config, tiny_grid
 
-from rpat import cells, config, data, evaluate, tracking, train
+from rpat import cells, config, data, tracking, train
+from rpat.jobs import evaluate
 
 REGISTERED = "tiny-rpat"
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from rpat import accuracy, attacks, blocks, cli, config, evaluate, perceive, perception, train
+from rpat import accuracy, attacks, blocks, cli, config, perception, train
+from rpat.jobs import evaluate, perceive
 from rpat.errors import UserError
 
 RAW = {

@@ -16,7 +16,8 @@ import torch
 import yaml
 from zoo_fixtures import write_imagefolder, write_zoo_checkpoint
 
-from rpat import accuracy, catalog, checkpoint, config, evaluate, train
+from rpat import accuracy, catalog, checkpoint, config, train
+from rpat.jobs import evaluate
 from rpat.models.robustbench import ZooFileMissing, catalog_entries, load_robustbench
 from rpat.objectives.pretrained import IncompatibleData
 

@@ -12,6 +12,7 @@ from interrupt import signal_at_step
 from tiny import tiny_config
 
 from rpat import config, status, train
+from rpat.cells import CellFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 # pgd_at/seed0 trains (2 epochs), pgd_at/seed1 is never started, pgd_at+rpat/seed0 fails (its loss overflows).
@@ -78,7 +79,7 @@ def test_training_planned_failed_then_evaluating(tmp_path, monkeypatch):
 
 def test_a_failed_evaluation_names_its_log_and_a_traceback_counts(tmp_path):
     cfg = config.from_dict({**RAW, "results_dir": str(tmp_path)})
-    layout = status.Layout(tmp_path, TRAINING)
+    layout = CellFiles.of(tmp_path, TRAINING)
     run = layout.run
     run.mkdir(parents=True)
     (run / "train.json").write_text(json.dumps({"fingerprint": cfg.settings(TRAINING).train_fingerprint,

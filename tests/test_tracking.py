@@ -18,7 +18,9 @@ from interrupt import signal_at_step
 from servers import wait_healthy
 from tiny import tiny_config, tiny_grid
 
-from rpat import checkpoint, config, evaluate, tracking, train
+from rpat import checkpoint, config, tracking, train
+from rpat.jobs import evaluate
+from rpat.reconcile import reconcile
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = tiny_config(experiment="tracking-test", grid=tiny_grid(rpat=[True]), train={"epochs": 3})
@@ -57,7 +59,7 @@ def test_broken_tracking_never_stops_a_job_and_reconcile_restores_it(tmp_path, c
 
     uri = f"sqlite:///{tmp_path / 'good.db'}"
     good = make_cfg(tmp_path / "results", uri)
-    added = tracking.reconcile(good, tmp_path / "results" / "runs")
+    added = reconcile(good)
     summary = {**rec["mlflow_metrics"], **res["mlflow_metrics"]}
     n_epoch_points = sum(len(h) - 1 for h in rec["history"])
     assert added == {"runs": 1, "metric_points": n_epoch_points + len(summary), "artifacts": 2, "problems": []}
@@ -71,7 +73,7 @@ def test_broken_tracking_never_stops_a_job_and_reconcile_restores_it(tmp_path, c
     assert run.data.params["train.epochs"] == "3" and run.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"train.json", "eval.json"}
 
-    again = tracking.reconcile(good, tmp_path / "results" / "runs")
+    again = reconcile(good)
     assert again == {"runs": 0, "metric_points": 0, "artifacts": 0, "problems": []}
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
@@ -89,7 +91,7 @@ def test_reconcile_fills_gaps_in_a_partially_logged_run(tmp_path):
     # Simulate an epoch whose live logging failed: the JSON has a metric MLflow lacks.
     rec["history"][1]["lost_metric"] = 1.5
     (run_dir / "train.json").write_text(json.dumps(rec))
-    added = tracking.reconcile(cfg, tmp_path / "results" / "runs")
+    added = reconcile(cfg)
     assert added["metric_points"] == 1
     assert [m.value for m in client.get_metric_history(rec["mlflow_run_id"], "lost_metric")] == [1.5]
     assert client.get_run(rec["mlflow_run_id"]).data.tags["train_fingerprint"] == rec["fingerprint"]
@@ -122,7 +124,7 @@ def test_malformed_result_files_are_reported_and_every_other_cell_reconciled(tmp
         path.write_text(MALFORMED[damage](path.read_text()))
         damaged.append(str(path))
 
-    added = tracking.reconcile(cfg, tmp_path / "results" / "runs")
+    added = reconcile(cfg)
     assert [p.split(" ")[0] for p in added["problems"]] == damaged
     assert all("delete it and rerun" in p for p in added["problems"])
     assert added["runs"] == 1 and added["artifacts"] == 2
@@ -156,7 +158,7 @@ def test_rerunning_evaluate_logs_the_test_metrics_once(tmp_path):
     evaluate.evaluate_cell(cfg, cell, cfg.run_dir(cell))  # same settings, same results: nothing new
     for key in first["mlflow_metrics"]:
         assert len(client.get_metric_history(run_id, key)) == 1, key
-    assert tracking.reconcile(cfg, tmp_path / "results" / "runs")["metric_points"] == 0
+    assert reconcile(cfg)["metric_points"] == 0
     # Evaluated on other examples: the new value is logged (once) and is the run's latest.
     other = make_cfg(tmp_path / "results", uri, train={"epochs": 1}, eval={"n_examples": 8})
     res = evaluate.evaluate_cell(other, cell, other.run_dir(cell))

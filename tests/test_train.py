@@ -9,7 +9,9 @@ import torch
 from interrupt import signal_at_step
 from tiny import tiny_config, tiny_grid
 
-from rpat import accuracy, checkpoint, config, evaluate, train
+from rpat import accuracy, checkpoint, config, train
+from rpat.jobs import evaluate
+from rpat.evaluation import measurements
 
 # Two methods with and without RPAT; the learning rate drops tenfold after epoch 1; ReBAT's decay starts at
 # epoch 2 (the last).
@@ -118,8 +120,8 @@ def test_evaluate_writes_metrics_in_order(tmp_path):
 
 
 def test_summary_metrics():
-    assert evaluate.summary_metrics(80.0, 40.0) == (60.0, pytest.approx(2 * 80 * 40 / 120))
-    assert evaluate.summary_metrics(0.0, 0.0) == (0.0, 0.0)
+    assert measurements.summary_metrics(80.0, 40.0) == (60.0, pytest.approx(2 * 80 * 40 / 120))
+    assert measurements.summary_metrics(0.0, 0.0) == (0.0, 0.0)
 
 
 def test_cli_info_lists_registries_with_decision_param_counts():

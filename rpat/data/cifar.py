@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rpat.data import Loaded, dataset_root, register
+from rpat.data.registry import Loaded, dataset_root, register
 from rpat.data.folders import decode_imagefolder, folder_options, has_imagefolder
 from rpat.errors import DataProblem
 

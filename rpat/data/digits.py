@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rpat.data import Loaded, register, seeded_permutation
+from rpat.data.registry import Loaded, register
+from rpat.data.subsets import seeded_permutation
 
 DIGITS_TEST_SIZE = 400
 DIGITS_SPLIT_SEED = 0  # the test split is part of the dataset's definition, not of a run

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rpat.data import Loaded, dataset_root, register
+from rpat.data.registry import Loaded, dataset_root, register
 from rpat.data.folders import channel_stats, class_dirs, decode_imagefolder, folder_options, has_imagefolder
 from rpat.errors import DataProblem
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rpat.data import Loaded, dataset_root, register
+from rpat.data.registry import Loaded, dataset_root, register
 from rpat.errors import DataProblem
 
 SPLIT_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}

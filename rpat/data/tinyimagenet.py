@@ -8,7 +8,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from rpat.data import Loaded, dataset_root, register
+from rpat.data.registry import Loaded, dataset_root, register
 from rpat.data.folders import class_dirs, decode_imagefolder, folder_options
 from rpat.errors import DataProblem
 

@@ -25,14 +25,6 @@ class MergeError(UserError, ValueError):
     """Shard results that do not make up one evaluation."""
 
 
-def outcomes_path_for(result_path: str | Path) -> Path:
-    """``eval.json`` -> ``outcomes.npz``, ``eval-last.json`` -> ``outcomes-last.npz``, else ``<stem>.npz``."""
-    p = Path(result_path)
-    if p.name.startswith("eval") and p.suffix == ".json":
-        return p.with_name("outcomes" + p.name[len("eval"):-len(".json")] + ".npz")
-    return p.with_suffix(".npz")
-
-
 def index_digest(index) -> str:
     return hashlib.sha256(np.asarray(index, dtype=np.int64).tobytes()).hexdigest()
 

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from rpat.models import register
+from rpat.models.registry import register
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:

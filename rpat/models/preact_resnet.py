@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rpat.models import register
+from rpat.models.registry import register
 from rpat.models.resnet import stack, stem_stride
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rpat.models import register
+from rpat.models.registry import register
 
 
 def shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:

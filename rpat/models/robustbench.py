@@ -31,7 +31,7 @@ from rpat import zoo
 from rpat.checkpoint import CheckpointError
 from rpat.errors import UnknownName, UserError
 from rpat.files import atomic_write
-from rpat.models import Normalized, meta, param_count
+from rpat.models.registry import Normalized, meta, param_count
 from rpat.models.preact_resnet import PreActBlock, PreActResNet
 from rpat.models.wide_resnet import NetworkBlock, WideResNet
 

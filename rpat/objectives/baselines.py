@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rpat import attacks
-from rpat.objectives import LossOut, Objective, StepContext, Tensor, kl_batchmean, register
+from rpat.objectives.registry import LossOut, Objective, StepContext, Tensor, kl_batchmean, register
 from rpat.settings import Threat
 
 # ---------------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Mapping
 
 from rpat import checkpoint, data, files, zoo
+from rpat.cells import CellFiles
 from rpat.errors import UserError
 from rpat.models import robustbench
-from rpat.objectives import Objective, register
+from rpat.objectives.registry import Objective, register
+from rpat.records import write_record
 from rpat.settings import CellSettings
 from rpat.tracking import CellRun
 
@@ -80,8 +82,6 @@ def _note_eps(settings: CellSettings, entry: robustbench.ZooEntry) -> None:
 
 def provide(settings: CellSettings, out_dir: str | Path, tracking: Mapping) -> dict:
     """Load the cell's zoo entry and write its checkpoints and train.json (see the module's docstring)."""
-    from rpat.train import write_record  # rpat.train imports the objectives
-
     t0, out_dir, hp, cell = time.time(), Path(out_dir), settings.method, settings.cell
     dataset, threat_model, name = zoo.entry_key(cell.dataset, cell.norm, cell.model, hp)
     entry = robustbench.zoo_entry(name, dataset, threat_model)
@@ -91,8 +91,8 @@ def provide(settings: CellSettings, out_dir: str | Path, tracking: Mapping) -> d
     _note_eps(settings, entry)
     fp = settings.train_fingerprint
     checkpoint.save({"model": model.state_dict(), "epoch": 0, "fingerprint": fp, **robustbench.entry_meta(entry)},
-                    out_dir / "checkpoint-last.pt")
-    _link_or_copy(out_dir / "checkpoint-last.pt", out_dir / "checkpoint-best.pt")
+                    CellFiles(out_dir).checkpoint("last"))
+    _link_or_copy(CellFiles(out_dir).checkpoint("last"), CellFiles(out_dir).checkpoint("best"))
     source = {**info, "sha256": files.sha256(info["path"]), "leaderboard_eps": robustbench.LEADERBOARD_EPS.get(
         entry.threat_model)}
     selection = {"rule": "pretrained", "split": None, "metric": None, "best_epoch": 0, "best_value": None,

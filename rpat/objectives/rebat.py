@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rpat import attacks
-from rpat.objectives import (EpochPlan, LossOut, Objective, StepContext, Tensor, interpolate, kl_batchmean,
+from rpat.objectives.registry import (EpochPlan, LossOut, Objective, StepContext, Tensor, interpolate, kl_batchmean,
                              register)
 from rpat.settings import RpatSettings, Threat
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rpat.cells import block_cells, run_dir
+from rpat.cells import block_cells
 from rpat.report import comparison, curves, html, perception, plots, tables, training
 from rpat.report.tables import aggregate, collect, paper_numbers  # noqa: F401 - the report's API
 
@@ -58,7 +58,7 @@ def _table_sets(cfg, df):
 def write_report(cfg, eval_files: list[str] | None = None, out_dir: str | None = None) -> list[Path]:
     out = Path(out_dir or cfg.results_dir)
     if eval_files is None:
-        eval_files = [run_dir(cfg.results_dir, c) / "eval.json" for c in cfg.cells()]
+        eval_files = [cfg.files(c).primary_evaluation for c in cfg.cells()]
     files = [Path(f) for f in eval_files]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

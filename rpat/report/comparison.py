@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from rpat import files
-from rpat.cells import PLAIN
+from rpat.cells import PLAIN, CellFiles
 from rpat.catalog import catalog
 
 N_BOOT = 10000
@@ -82,10 +82,10 @@ def load_cell(eval_path: Path) -> CellValues:
     coords = {k: ev[k] for k in ("dataset", "model", "norm", "method")} | {
         "recipe": ev.get("recipe", PLAIN), "rpat": bool(ev["rpat"]), "seed": int(ev["seed"])}
     cell = CellValues(coords, (ev.get("examples") or {}).get("digest"))
-    outcomes_path = eval_path.parent / ev.get("outcomes", "outcomes.npz")
+    outcomes_path = eval_path.parent / ev["outcomes"] if "outcomes" in ev else CellFiles.outcomes_beside(eval_path)
     if outcomes_path.is_file():
         cell.values.update(_indexed(outcomes_path, cell.digest, [m["key"] for m in catalog()["measurements"]]))
-    perception_path = eval_path.parent / "perception.npz"
+    perception_path = CellFiles.beside(eval_path).perception_values
     if perception_path.is_file():
         arrays = _indexed(perception_path, cell.digest, ["nonlinearity", "defended_pgd20"])
         _check_same_pgd20(perception_path, arrays.pop("defended_pgd20", None), cell.values.get("pgd20"))

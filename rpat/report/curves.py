@@ -1,6 +1,6 @@
 """Robustness curves -> figure: accuracy against ε per norm and attack, each baseline beside its +RPAT cell.
 
-Reads the ``curve.json`` beside each eval.json (cells with an ``eval.eps_grid``, rpat/curve.py). One panel per
+Reads the ``curve.json`` beside each eval.json (cells with an ``eval.eps_grid``, rpat/jobs/curve.py). One panel per
 (dataset/model/training norm, curve norm, attack); one colour per method and recipe, the baseline dashed with
 circles and +RPAT solid with stars; the mean over seeds, with a band of ± one std where there are several. ε = 0
 is the cell's clean accuracy on the same examples.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from rpat import files
-from rpat.cells import PLAIN
+from rpat.cells import PLAIN, CellFiles
 from rpat.report.plots import pyplot, save
 from rpat.report.tables import method_label
 
@@ -33,7 +33,7 @@ def load(eval_files) -> list[dict]:
     """The curve.json records beside the given eval.json files (those that exist)."""
     out = []
     for f in eval_files:
-        path = Path(f).parent / "curve.json"
+        path = CellFiles.beside(f).curve
         if path.is_file():
             out.append(files.read_record(path, ("cell", "dataset", "model", "norm", "method", "rpat", "seed",
                                                 "clean", "points")))

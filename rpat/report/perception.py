@@ -16,7 +16,7 @@ import pandas as pd
 
 from rpat import files
 from rpat.report.plots import pyplot, save
-from rpat.cells import PLAIN
+from rpat.cells import PLAIN, CellFiles
 from rpat.report.tables import COORDS, method_label
 
 PERTURBATIONS = {"noise": "uniform noise in the ε-ball", "pgd20": "PGD-20"}
@@ -33,7 +33,7 @@ def load(eval_files) -> list[dict]:
     """The perception.json records beside the given eval.json files (those that exist), with their per-alpha path."""
     out = []
     for f in eval_files:
-        path = Path(f).parent / "perception.json"
+        path = CellFiles.beside(f).perception
         if path.is_file():
             r = files.read_record(path, ("cell", "noise", "pgd20", "path"))
             out.append(r | {"rpat": bool(r["rpat"]), "seed": int(r["seed"])})

@@ -16,7 +16,7 @@ from typing import Iterable
 import pandas as pd
 
 from rpat import files
-from rpat.cells import Cell, CellError
+from rpat.cells import Cell, CellError, CellFiles
 from rpat.catalog import catalog
 from rpat.cells import PLAIN
 
@@ -91,10 +91,10 @@ def _checked(path: Path, cell: Cell | None) -> dict:
 
 
 def _other_checkpoint(path: Path, r: dict, cell: Cell | None) -> dict:
-    """The paper's metrics of the cell's other checkpoint, from the eval-<c>.json beside its eval.json (if any)."""
+    """The paper's metrics of the cell's other checkpoint, from its evaluation beside the primary one (if any)."""
     other = OTHER_CHECKPOINTS.get(r["checkpoint"])
-    beside = path.with_name(f"eval-{other}.json")
-    if other is None or not beside.is_file():
+    beside = CellFiles.beside(path).evaluation(other, primary=r["checkpoint"]) if other else None
+    if beside is None or not beside.is_file():
         return {}
     o = _checked(beside, cell)
     return {f"{k}_{other}": o.get(k) for k in PAPER_METRICS}
@@ -137,7 +137,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 def _seed_averaged_derived(agg: pd.DataFrame) -> pd.DataFrame:
     if not (agg.n_seeds > 1).any():  # one seed: the seed's own values are those of the averages
         return agg
-    from rpat.evaluate import DERIVED  # imports torch (seconds): only when several seeds need it
+    from rpat.evaluation.measurements import DERIVED  # imports torch (seconds): only when several seeds need it
 
     for d in DERIVED.values():
         for suffix in ("", "_last", "_best"):  # the primary checkpoint's, and the other's beside it

@@ -13,6 +13,7 @@ from pathlib import Path
 from matplotlib.ticker import MaxNLocator
 
 from rpat import files
+from rpat.cells import CellFiles
 from rpat.report.plots import pyplot
 
 FOLDER = "plots/training"
@@ -75,7 +76,7 @@ def write_all(eval_files: list[Path], out_dir: str | Path) -> list[Path]:
     """The curves of every cell whose eval.json is given (its train.json lies beside it)."""
     written = []
     for f in eval_files:
-        path = Path(f).parent / "train.json"
+        path = CellFiles.beside(f).train_record
         if path.is_file():
             record = files.read_record(path, ("cell", "history"))
         else:

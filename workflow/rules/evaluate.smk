@@ -1,27 +1,24 @@
 # One job per cell and checkpoint (eval.checkpoints; the first writes eval.json + outcomes.npz, another c writes
 # eval-c.json + outcomes-c.npz). With eval.shards: N > 1, N `evaluate_shard` jobs evaluate disjoint blocks of the
 # examples and `evaluate` merges their results instead of evaluating (docs/evaluation.md). A cell with an
-# eval.eps_grid also gets a `curve` job on its primary checkpoint (curve.json + curve.npz, rpat/curve.py).
+# eval.eps_grid also gets a `curve` job on its primary checkpoint (curve.json + curve.npz, rpat/jobs/curve.py). The file
+# names are rpat/cells.py's (CellFiles).
 
 rule evaluate_shard:
     input:
-        record=f"{CELL_DIR}/train.json",
-        checkpoint=f"{CELL_DIR}/checkpoint-{{which}}.pt",
+        record=str(CELL.train_record),
+        checkpoint=str(CELL.checkpoint("{which}")),
     output:
-        result=f"{CELL_DIR}/eval-shards/{{which}}-{{shard}}of{{shards}}.json",
-        outcomes=f"{CELL_DIR}/eval-shards/{{which}}-{{shard}}of{{shards}}.npz",
+        result=str(CELL.shard_result("{which}", "{shard}", "{shards}")),
+        outcomes=str(CELL.shard_outcomes("{which}", "{shard}", "{shards}")),
     params:
-        rpat=RPAT,
-        configs=CONFIG_ARG,
-        cell=cell_id,
+        **CELL_JOB_PARAMS,
         settings=eval_fingerprint,
     threads: threads_of
     resources:
-        gpu=gpus_of,
-        mem_mb=mem_mb_of,
-        runtime=runtime_of,
+        **cell_resources(),
     log:
-        f"{LOGS}/evaluate/{PATTERN}-{{which}}-{{shard}}of{{shards}}.log",
+        str(CELL.log("evaluate", "-{which}-{shard}of{shards}")),
     conda:
         "../../environment.yml"
     shell:
@@ -34,22 +31,18 @@ rule evaluate:
     input:
         unpack(evaluation_inputs),
     output:
-        result=f"{CELL_DIR}/eval{{tag}}.json",
-        outcomes=f"{CELL_DIR}/outcomes{{tag}}.npz",
+        result=str(CELL.tagged_evaluation("{tag}")),
+        outcomes=str(CELL.tagged_outcomes("{tag}")),
     params:
-        rpat=RPAT,
-        configs=CONFIG_ARG,
-        cell=cell_id,
+        **CELL_JOB_PARAMS,
         which=checkpoint_of_tag,
         source=evaluation_source,
         settings=eval_fingerprint,
     threads: threads_of
     resources:
-        gpu=evaluation_gpus,
-        mem_mb=mem_mb_of,
-        runtime=runtime_of,
+        **cell_resources(gpu=evaluation_gpus),
     log:
-        f"{LOGS}/evaluate/{PATTERN}{{tag}}.log",
+        str(CELL.log("evaluate", "{tag}")),
     conda:
         "../../environment.yml"
     shell:
@@ -59,23 +52,19 @@ rule evaluate:
 
 rule curve:
     input:
-        record=f"{CELL_DIR}/train.json",
+        record=str(CELL.train_record),
         checkpoint=primary_checkpoint,
     output:
-        result=f"{CELL_DIR}/curve.json",
-        outcomes=f"{CELL_DIR}/curve.npz",
+        result=str(CELL.curve),
+        outcomes=str(CELL.curve_outcomes),
     params:
-        rpat=RPAT,
-        configs=CONFIG_ARG,
-        cell=cell_id,
+        **CELL_JOB_PARAMS,
         settings=curve_fingerprint,
     threads: threads_of
     resources:
-        gpu=gpus_of,
-        mem_mb=mem_mb_of,
-        runtime=runtime_of,
+        **cell_resources(),
     log:
-        f"{LOGS}/curve/{PATTERN}.log",
+        str(CELL.log("curve")),
     conda:
         "../../environment.yml"
     shell:

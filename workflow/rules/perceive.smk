@@ -1,24 +1,20 @@
-# The paper's perception analysis of each cell's primary checkpoint, beside its evaluation (rpat/perceive.py).
+# The paper's perception analysis of each cell's primary checkpoint, beside its evaluation (rpat/jobs/perceive.py).
 
 rule perceive:
     input:
-        record=f"{CELL_DIR}/train.json",
+        record=str(CELL.train_record),
         checkpoint=primary_checkpoint,
     output:
-        json=f"{CELL_DIR}/perception.json",
-        npz=f"{CELL_DIR}/perception.npz",
+        json=str(CELL.perception),
+        npz=str(CELL.perception_values),
     params:
-        rpat=RPAT,
-        configs=CONFIG_ARG,
-        cell=cell_id,
+        **CELL_JOB_PARAMS,
         settings=perception_fingerprint,
     threads: threads_of
     resources:
-        gpu=gpus_of,
-        mem_mb=mem_mb_of,
-        runtime=runtime_of,
+        **cell_resources(),
     log:
-        f"{LOGS}/perceive/{CELL_LOG}",
+        str(CELL.log("perceive")),
     conda:
         "../../environment.yml"
     shell:

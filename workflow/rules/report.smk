@@ -3,12 +3,12 @@
 # report_entry (common.smk) wraps in report(), with the captions in workflow/report/.
 rule report:
     input:
-        evals=cell_paths("eval.json"),
+        evals=cell_paths(lambda files, cell: files.evaluation(primary_of(cell), primary_of(cell))),
         # the other checkpoints' (eval.checkpoints: [best, last]): their paper metrics beside the primary's
         others=other_evaluations(),
         # read beside each eval.json (with outcomes.npz) by the report
-        perception=cell_paths("perception.json"),
-        records=cell_paths("train.json"),  # the training curves
+        perception=cell_paths(lambda files, cell: files.perception),
+        records=cell_paths(lambda files, cell: files.train_record),  # the training curves
         # robustness curves (cells with an eval.eps_grid), read beside each eval.json too
         curves=cell_curves(),
     output:

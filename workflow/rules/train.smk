@@ -2,13 +2,11 @@ rule train:
     input:
         prepared_data,
     output:
-        record=f"{CELL_DIR}/train.json",
-        best=f"{CELL_DIR}/checkpoint-best.pt",
-        last=f"{CELL_DIR}/checkpoint-last.pt",
+        record=str(CELL.train_record),
+        best=str(CELL.checkpoint("best")),
+        last=str(CELL.checkpoint("last")),
     params:
-        rpat=RPAT,
-        configs=CONFIG_ARG,
-        cell=cell_id,
+        **CELL_JOB_PARAMS,
         out=run_dir_of,
         settings=train_fingerprint,
     threads: training("threads")
@@ -23,7 +21,7 @@ rule train:
         tasks_per_gpu=training("tasks_per_gpu"),
         cpus_per_task=training("cpus_per_task"),
     log:
-        f"{LOGS}/train/{CELL_LOG}",
+        str(CELL.log("train")),
     conda:
         "../../environment.yml"
     shell:

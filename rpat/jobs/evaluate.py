@@ -1,192 +1,39 @@
-"""Evaluation: a registry of measurements (clean, PGD-20, CW-inf, AutoAttack, ...) run on a cell's checkpoints.
-
-A measurement is one :func:`register` entry: a key (its column in eval.json, the tables and MLflow's
-``test_<key>``), a header for tables, and a function returning the per-example outcome (correct or not) on one
-block of the evaluated examples, plus any details to record. Derived metrics (Mean, NRR) are computed from
-measurements. Report, tracking and the CLI read the registry (through ``rpat.catalog``), so adding a
-measurement is one entry here plus its test.
+"""The evaluation job: the registered measurements (rpat/evaluation/measurements.py) run on a cell's checkpoints.
 
 All measurements use the same test examples (:func:`evaluated_examples`), cut into fixed blocks of
 ``eval.block_size``; a measurement's randomness on a block comes from the block's own generator, so the
 per-example outcomes do not depend on sharding (``eval.shards``), on resuming a killed job, or on the batch size
 (docs/evaluation.md). Each of ``eval.checkpoints`` is evaluated with the norm and eps the cell was trained for,
 in eval mode; the first writes ``eval.json`` and ``outcomes.npz``, another ``c`` writes ``eval-<c>.json`` and
-``outcomes-<c>.npz``. The checkpoint must belong to the cell: its model, its number of classes and the training
-fingerprint recorded in train.json are checked before any work.
+``outcomes-<c>.npz`` (the names are :class:`rpat.cells.CellFiles`'). The checkpoint must belong to the cell: its
+model, its number of classes and the training fingerprint recorded in its training record are checked before
+any work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from rpat import accuracy, autoattack, blocks, checkpoint, data, files, models, runtime
-from rpat.cells import Cell
+from rpat import autoattack, blocks, checkpoint, data, files, models, runtime
+from rpat.cells import Cell, CellFiles
+from rpat.config import Config
 from rpat.errors import UserError
 from rpat.evaluation import engine, results
-from rpat.evaluation.engine import EvalContext, OutOfMemory, Outcome
+from rpat.evaluation.measurements import MEASUREMENTS, Measurement, derive, tracked_metrics
 from rpat.evaluation.progress import Progress
-from rpat.evaluation.results import MergeError, outcomes_path_for, read_outcomes
 from rpat.preemption import StopSignals
-from rpat.settings import CellSettings, EvalSettings
+from rpat.settings import CellSettings
 from rpat.tracking import CellRun
 
-if TYPE_CHECKING:  # rpat.config builds its defaults from the registries, which import this module
-    from rpat.config import Config
-
-__all__ = ["DERIVED", "MEASUREMENTS", "Derived", "EvalContext", "EvaluationError", "Measurement", "MergeError",
-           "OutOfMemory", "Outcome", "derive", "evaluate", "evaluate_cell", "evaluated_examples", "merge",
-           "outcomes_path_for", "read_outcomes", "register", "summary_metrics", "tracked_metrics"]
+__all__ = ["EvaluationError", "evaluate", "evaluate_cell", "evaluated_examples", "merge"]
 
 
 class EvaluationError(UserError, RuntimeError):
     """The evaluation's inputs do not belong together (checkpoint, train.json, cell, shard results)."""
-
-
-@dataclass(frozen=True)
-class Measurement:
-    key: str
-    header: str
-    description: str
-    measure: Callable[[EvalContext], Outcome]  # one block -> per-example outcome
-    enabled: Callable[[EvalSettings], bool] = lambda s: True
-    paper: bool = False  # one of the paper's headline columns (Clean, AA)
-    norms: tuple[str, ...] = ("linf", "l2")  # threat norms it measures under, at any radius (eval.eps_grid)
-    # (counts summed over blocks, warnings, n examples) -> (eval.json entries, extra MLflow test metrics)
-    summary: Callable[[dict, list, int], tuple[dict, dict]] | None = None
-
-
-@dataclass(frozen=True)
-class Derived:
-    """A metric computed from measured accuracies (None when one of them was not measured)."""
-
-    key: str
-    header: str
-    description: str
-    inputs: tuple[str, ...]
-    fn: Callable[..., float]
-    paper: bool = True
-
-
-MEASUREMENTS: dict[str, Measurement] = {}
-
-
-def register(m: Measurement) -> Measurement:
-    if m.key in MEASUREMENTS:
-        raise ValueError(f"measurement {m.key!r} is registered twice")
-    MEASUREMENTS[m.key] = m
-    return m
-
-
-def _per_batch(ctx: EvalContext, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Outcome:
-    """Concatenate ``fn(x, y)`` (per-example correctness) over the block's batches; one host copy at the end."""
-    ctx.model.eval()
-    return Outcome(torch.cat([fn(x, y) for x, y in ctx.batches]).cpu())
-
-
-def clean(ctx: EvalContext) -> Outcome:
-    """argmax z(x) == y."""
-    return _per_batch(ctx, lambda x, y: accuracy.correct(ctx.model, x, y))
-
-
-def _pgd(ctx: EvalContext, steps: int, loss: str) -> Outcome:
-    """PGD from a uniform random start drawn once for the whole block from its generator, then sliced into the
-    batches: each example's start, and so its outcome, is the same for any batch size."""
-    t = ctx.threat
-    starts = iter(accuracy.pgd_start(ctx.batches.x, t, ctx.generator()).split(ctx.batches.batch_size))
-    return _per_batch(ctx, lambda x, y: accuracy.correct(
-        ctx.model, accuracy.pgd_examples(ctx.model, x, y, t, steps, loss, start=next(starts)), y))
-
-
-def pgd20(ctx: EvalContext) -> Outcome:
-    """PGD on mean CE, ``eval.pgd_steps`` steps (20) of the threat model's step size, uniform random start."""
-    return _pgd(ctx, ctx.settings.pgd_steps, "ce")
-
-
-def cw(ctx: EvalContext) -> Outcome:
-    """CW-inf: PGD on the CW margin max_{j!=y} z_j - z_y, ``eval.cw_steps`` steps (30)."""
-    return _pgd(ctx, ctx.settings.cw_steps, "cw")
-
-
-def autoattack_standard(ctx: EvalContext) -> Outcome:
-    """AutoAttack (official code), ``eval.autoattack.version`` (standard: APGD-CE, APGD-T, FAB-T, Square), fixed
-    seed, the cell's norm and eps. One stage per attack: each runs on the block's examples still robust and is
-    saved (resume restarts at the next attack); counts the robust examples after each attack."""
-    s, t = ctx.settings.autoattack, ctx.threat
-    x, y = ctx.batches.x, ctx.batches.y
-    robust = torch.ones(len(y), dtype=torch.bool, device=x.device)  # the first attack checks clean accuracy itself
-    counts, warnings = {}, []
-    attacks = autoattack.attacks_of(s.version, t.norm)
-    for attack in attacks:
-        stage = ctx.done.get(attack)
-        if stage is None:
-            idx = robust.nonzero().squeeze(1)
-            after, warned = robust.clone(), []
-            if len(idx):
-                after[idx], warned = autoattack.attack_examples(
-                    ctx.model, x[idx], y[idx], attack, norm=t.norm, eps=t.eps, seed=s.seed, version=s.version,
-                    batch_size=ctx.batches.batch_size, device=x.device)
-            stage = {"robust": after.cpu(), "warnings": warned}
-            ctx.save_stage(attack, stage)
-        robust = stage["robust"].to(x.device)
-        counts[attack] = int(robust.sum())
-        warnings += stage["warnings"]
-    details = {"aa_version": s.version, "aa_seed": s.seed, "aa_attacks": attacks}
-    return Outcome(robust.cpu(), details, counts, warnings)
-
-
-def autoattack_summary(counts: dict, warnings: list, n: int) -> tuple[dict, dict]:
-    """Robust accuracy (%) after each attack, from the robust counts summed over blocks; AutoAttack's warnings."""
-    per_attack = {a: 100.0 * c / n for a, c in counts.items()} if n else {}
-    warnings = list(dict.fromkeys(warnings + autoattack.square_check(per_attack)))
-    return ({"aa_per_attack": per_attack, "aa_warnings": warnings},
-            {f"test_aa_after_{a}": v for a, v in per_attack.items()})
-
-
-register(Measurement("clean", "Clean", "clean accuracy", clean, paper=True, norms=()))
-register(Measurement("pgd20", "PGD-20", "accuracy under PGD-20 (CE)", pgd20))
-register(Measurement("cw", "CW∞", "accuracy under CW-inf (PGD on the CW margin)", cw))
-register(Measurement("aa", "AA", "AutoAttack robust accuracy", autoattack_standard,
-                     enabled=lambda s: s.autoattack.enabled, paper=True, summary=autoattack_summary,
-                     norms=("linf", "l2", "l1")))
-
-
-def summary_metrics(clean: float, aa: float | None) -> tuple[float | None, float | None]:
-    """Mean = (Clean + AA)/2, NRR = 2 Clean AA / (Clean + AA) (0 when both are 0)."""
-    if aa is None:
-        return None, None
-    mean = (clean + aa) / 2
-    nrr = 2 * clean * aa / (clean + aa) if clean + aa > 0 else 0.0
-    return mean, nrr
-
-
-DERIVED = {
-    "mean": Derived("mean", "Mean", "(Clean + AA) / 2", ("clean", "aa"), lambda c, a: summary_metrics(c, a)[0]),
-    "nrr": Derived("nrr", "NRR", "2 Clean AA / (Clean + AA)", ("clean", "aa"), lambda c, a: summary_metrics(c, a)[1]),
-}
-
-
-def derive(result: dict) -> dict:
-    """The derived metrics of a result holding the measured accuracies."""
-    out = {}
-    for d in DERIVED.values():
-        values = [result.get(k) for k in d.inputs]
-        out[d.key] = None if any(v is None for v in values) else d.fn(*values)
-    return out
-
-
-def tracked_metrics(result: dict) -> dict:
-    """What MLflow records of an evaluation: ``test_<key>`` for every metric measured or derived, plus the
-    measurements' extra metrics (``extra_metrics`` in eval.json)."""
-    keys = list(MEASUREMENTS) + list(DERIVED)
-    out = {f"test_{k}": result[k] for k in keys if result.get(k) is not None}
-    out.update(result.get("extra_metrics", {}))
-    return out
 
 
 def evaluated_examples(settings: CellSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -276,11 +123,11 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
              outcomes_path: str | Path | None = None, shard: tuple[int, int] | None = None,
              threads: int | None = None) -> dict:
     """Evaluate the ``checkpoint`` named in train.json (default: the first of ``eval.checkpoints``); write
-    ``out_path`` (eval.json) and ``outcomes_path`` (default :func:`outcomes_path_for`). With ``shard=(i, N)``,
+    ``out_path`` (eval.json) and ``outcomes_path`` (default :meth:`CellFiles.outcomes_beside`). With ``shard=(i, N)``,
     N > 1, only shard i's blocks are evaluated into a shard result, which :func:`merge` combines with the others'.
     Progress is saved as it goes, and a rerun after a kill or a signal resumes it."""
     record_path, out_path = Path(record_path), Path(out_path)
-    outcomes_path = Path(outcomes_path) if outcomes_path else outcomes_path_for(out_path)
+    outcomes_path = Path(outcomes_path) if outcomes_path else CellFiles.outcomes_beside(out_path)
     cell, e = settings.cell, settings.eval
     which = checkpoint or e.checkpoints[0]
     i, n_shards = shard or (1, 1)
@@ -296,7 +143,7 @@ def evaluate(settings: CellSettings, record_path: str | Path, out_path: str | Pa
         key = {"eval_fingerprint": settings.eval_fingerprint, "checkpoint": which, "shards": n_shards,
                "checkpoint_digest": files.sha256(ckpt_path), "examples_digest": header["examples"]["digest"],
                "device_type": device.type}
-        state = record_path.parent / "eval-state" / (f"{which}.pt" if n_shards == 1 else f"{which}-{i}of{n_shards}.pt")
+        state = CellFiles.beside(record_path).evaluation_state(which, i, n_shards)
         stats, arrays, progress = measure_blocks(settings, model, (x, y, index), key, state, (i, n_shards),
                                                  device)
         stats.update(header=header, key=key, shard={"index": i, "of": n_shards}, device=str(device),
@@ -343,7 +190,7 @@ def merge(settings: CellSettings, shard_paths: list[str | Path], out_path: str |
                                   f"{settings.cell.id}; rerun its shard job (snakemake does)")
     with cell_run(settings, tracking, parts[0][0].get("mlflow_run_id")) as run:
         return _write_result(settings, parts, out_path, Path(outcomes_path) if outcomes_path else
-                             outcomes_path_for(out_path), run)
+                             CellFiles.outcomes_beside(out_path), run)
 
 
 def _result(settings: CellSettings, header: dict, combined: dict) -> dict:
@@ -389,9 +236,9 @@ def _write_result(settings: CellSettings, parts: list, out_path: Path, outcomes_
 def evaluate_cell(cfg: Config, cell: Cell, run_dir: str | Path, *, threads: int | None = None) -> dict:
     """Evaluate every checkpoint of ``eval.checkpoints`` of ``cell`` from ``run_dir``'s train.json (unsharded):
     ``run_dir``/eval.json for the first (returned), eval-<name>.json for the others."""
-    run_dir, settings = Path(run_dir), cfg.settings(cell)
-    out = {}
-    for i, which in enumerate(settings.eval.checkpoints):
-        out[which] = evaluate(settings, run_dir / "train.json", run_dir / ("eval.json" if i == 0 else
-                              f"eval-{which}.json"), tracking=cfg.tracking, checkpoint=which, threads=threads)
-    return out[settings.eval.checkpoints[0]]
+    cell_files, settings = CellFiles(run_dir), cfg.settings(cell)
+    primary, out = settings.eval.checkpoints[0], {}
+    for which in settings.eval.checkpoints:
+        out[which] = evaluate(settings, cell_files.train_record, cell_files.evaluation(which, primary),
+                              tracking=cfg.tracking, checkpoint=which, threads=threads)
+    return out[primary]

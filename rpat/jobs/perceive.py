@@ -1,6 +1,6 @@
 """The perception job (`rpat perceive`): the paper's perception analysis of one cell's primary checkpoint.
 
-On the evaluated examples (``rpat.evaluate.evaluated_examples``), with the model in eval mode:
+On the evaluated examples (``rpat.jobs.evaluate.evaluated_examples``), with the model in eval mode:
 - "noise": x' = x + u, u uniform in the eps-ball (Linf: each pixel in [-eps, eps], as the paper's analysis; L2:
   a uniformly random direction at a radius uniform in [0, eps]), clipped to [0, 1];
 - "pgd20": x' = evaluation's PGD-20 example (``accuracy.pgd_examples``, ``eval.pgd_steps`` steps);
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rpat import accuracy, attacks, blocks, files, perception
-from rpat.evaluate import EvaluationError, cell_run, examples_record, load_for, read_train_record
+from rpat.jobs.evaluate import EvaluationError, cell_run, examples_record, load_for, read_train_record
 from rpat.settings import CellSettings
 
 PERTURBATIONS = ("noise", "pgd20")

@@ -1,11 +1,12 @@
-"""Robustness curves: accuracy against the radius ε, per norm and attack (``eval.eps_grid``, docs/evaluation.md).
+"""The robustness curve job: accuracy against the radius ε, per norm and attack (``eval.eps_grid``,
+docs/evaluation.md; its points: rpat/evaluation/eps_grid.py).
 
-``eval.eps_grid`` is a list of entries ``{norm, eps: [ε, ...], attacks: [key, ...]}``; every (norm, ε, attack) of
-an entry is a *point*. A point is the registered measurement ``attack`` (:mod:`rpat.evaluate`) run with the threat
-(norm, ε) in place of the cell's: the same block-wise, resumable engine, the same evaluated examples, and the
+``eval.eps_grid`` is a list of entries ``{norm, eps: [ε, ...], attacks: [key, ...]}``; every (norm, ε, attack) of an
+entry is a *point*. A point is the registered measurement ``attack`` (rpat/evaluation/measurements.py) run with the
+threat (norm, ε) in place of the cell's: the same block-wise, resumable engine, the same evaluated examples, and the
 same random numbers (a point draws from its measurement's block generator, so PGD-20's start at ε is its start at
-the cell's ε scaled, and the point at the cell's own (norm, ε) repeats eval.json's measurement exactly). PGD's
-step is the norm's ``threat`` step scaled with ε (2/255 at 8/255: ε/4). L1 is measured by AutoAttack only (its L1
+the cell's ε scaled, and the point at the cell's own (norm, ε) repeats eval.json's measurement exactly). PGD's step
+is the norm's ``threat`` step scaled with ε (2/255 at 8/255: ε/4). L1 is measured by AutoAttack only (its L1
 version: APGD-CE and APGD-T with L1 projections, FAB-T and Square; Croce & Hein, ICML 2021).
 
 The curve is its own job on the primary checkpoint (rule ``curve``): ``curve.json`` (the points' accuracies and
@@ -17,65 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from rpat import files
-from rpat.settings import CellSettings, EvalSettings, Threat
-
-
-@dataclass(frozen=True)
-class Point:
-    norm: str
-    eps: float
-    attack: str  # a registered measurement's key
-
-    @property
-    def key(self) -> str:
-        """Its name in saved progress (unique per point)."""
-        return f"{self.attack}@{self.norm}:{self.eps!r}"
-
-
-def points(e: EvalSettings) -> list[Point]:
-    """The grid's points, entry by entry, ε ascending within an entry."""
-    return [Point(g["norm"], float(eps), attack) for g in e.eps_grid for attack in g["attacks"]
-            for eps in sorted(g["eps"])]
-
-
-def problems(eps_grid: list, measurements: list[dict]) -> list[str]:
-    """What is wrong with ``eval.eps_grid`` (given the catalog's measurements), one message per problem; the schema
-    has checked its shape and that every ε > 0."""
-    norms_of = {m["key"]: m.get("norms", []) for m in measurements}
-    found, seen = [], set()
-    for i, g in enumerate(eps_grid):
-        for attack in g["attacks"]:
-            norms = norms_of.get(attack, [])
-            if not norms:
-                takes = ", ".join(k for k, n in norms_of.items() if n)
-                found.append(f"eval.eps_grid[{i}].attacks: {attack!r} takes no radius; use some of: {takes}")
-            elif g["norm"] not in norms:
-                able = ", ".join(k for k, n in norms_of.items() if g["norm"] in n)
-                found.append(f"eval.eps_grid[{i}]: {attack!r} does not measure under {g['norm']} (only "
-                             f"{', '.join(norms)}); {g['norm']} is measured by: {able}"
-                             + (" (AutoAttack's L1 attacks)" if g["norm"] == "l1" else ""))
-        for p in points(EvalSettings(eps_grid=[g])):
-            if p in seen:
-                found.append(f"eval.eps_grid[{i}]: the point ({p.norm}, ε={p.eps:g}, {p.attack}) is listed twice")
-            seen.add(p)
-    return found
-
-
-def point_threat(settings: CellSettings, norm: str, eps: float) -> Threat:
-    """The threat of a point: the config's ``threat.<norm>`` step and steps, the step scaled with ε (none for L1,
-    which only AutoAttack measures: it picks its own steps)."""
-    base = settings.resolved["threat"].get(norm) or {"eps": eps, "step": eps, "steps": 1}
-    return Threat(norm, eps, eps * base["step"] / base["eps"], base["steps"])
+from rpat.cells import Cell, CellFiles
+from rpat.config import Config
+from rpat.evaluation.eps_grid import Point, point_threat, points
+from rpat.evaluation.measurements import MEASUREMENTS
+from rpat.jobs import evaluate as ev
+from rpat.settings import CellSettings
 
 
 def measurements_of(settings: CellSettings, pts: list[Point]) -> list:
     """Clean, then one measurement per point: the registered one with the point's threat; its random numbers come
     from the registered measurement's block generator (same key)."""
-    from rpat.evaluate import MEASUREMENTS
 
     def at(p: Point):
         m, threat = MEASUREMENTS[p.attack], point_threat(settings, p.norm, p.eps)
@@ -98,13 +56,9 @@ def evaluate_curve(settings: CellSettings, record_path: str | Path, out_path: st
                    threads: int | None = None) -> dict:
     """Measure every point of ``eval.eps_grid`` on the primary checkpoint; write ``out_path`` (curve.json) and
     ``outcomes_path`` (default: curve.npz beside it). Progress is saved after each block and AutoAttack stage
-    (``eval-state/curve-<checkpoint>.pt``); a rerun after a kill resumes it."""
-    import numpy as np
-
-    from rpat import evaluate as ev
-
+    (:meth:`CellFiles.curve_state`); a rerun after a kill resumes it."""
     record_path, out_path = Path(record_path), Path(out_path)
-    outcomes_path = Path(outcomes_path) if outcomes_path else out_path.with_suffix(".npz")
+    outcomes_path = Path(outcomes_path) if outcomes_path else CellFiles.outcomes_beside(out_path)
     pts = points(settings.eval)
     if not pts:
         raise ev.EvaluationError(f"cell {settings.cell.id} has no eval.eps_grid: there is no curve to measure")
@@ -117,7 +71,7 @@ def evaluate_curve(settings: CellSettings, record_path: str | Path, out_path: st
            "checkpoint_digest": files.sha256(ckpt_path), "examples_digest": header["examples"]["digest"],
            "device_type": device.type}
     ms = measurements_of(settings, pts)
-    state = record_path.parent / "eval-state" / f"curve-{which}.pt"
+    state = CellFiles.beside(record_path).curve_state(which)
     stats, arrays, progress = ev.measure_blocks(settings, model, (x, y, index), key, state, (1, 1), device,
                                                 ms)
     n = len(index)
@@ -143,7 +97,7 @@ def read_curve(path: str | Path) -> dict:
     return files.read_record(path, ("cell", "clean", "points"))
 
 
-def curve_cell(cfg, cell, run_dir: str | Path, *, threads: int | None = None) -> dict:
-    """:func:`evaluate_curve` of ``cell`` from ``run_dir``'s train.json into ``run_dir``/curve.json."""
-    run_dir = Path(run_dir)
-    return evaluate_curve(cfg.settings(cell), run_dir / "train.json", run_dir / "curve.json", threads=threads)
+def curve_cell(cfg: Config, cell: Cell, run_dir: str | Path, *, threads: int | None = None) -> dict:
+    """:func:`evaluate_curve` of ``cell`` from the training record in ``run_dir`` into its curve file there."""
+    cell_files = CellFiles(run_dir)
+    return evaluate_curve(cfg.settings(cell), cell_files.train_record, cell_files.curve, threads=threads)
