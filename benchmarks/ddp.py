@@ -1,6 +1,7 @@
 """Data-parallel training speed: steps per second of one cell on 1 and on N processes, and their ratio.
 
     python benchmarks/ddp.py                                  # digits, this machine's CPUs: 1 and 2 processes
+    python benchmarks/ddp.py --model resnet18 --train-subset 512   # a heavier model on the same digits
     python benchmarks/ddp.py --processes 1 4 --config benchmarks/cifar10_paper.yaml my-paths.yaml \\
         --cell cifar10/resnet18/linf/pgd_at+rpat/seed0 --epochs 1 --train-subset 10240   # 4 GPUs
 
@@ -65,7 +66,8 @@ def run(configs: list[str], cell: str, processes: int, threads: int, out: Path) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", nargs="+", help="config file(s) (default: digits, PGD-AT+RPAT, batch 128)")
-    p.add_argument("--cell", default="digits/cnn/linf/pgd_at+rpat/seed0")
+    p.add_argument("--cell", help="the cell to train (default: the digits cell of --model)")
+    p.add_argument("--model", default="cnn", help="the default config's model (e.g. resnet18)")
     p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     p.add_argument("--threads-per-process", type=int, default=1,
                    help="CPU threads of each process (one process gets as many as each of N: the same work per core)")
@@ -74,16 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        configs = args.config or [str(_write(tmp / "digits.yaml", DIGITS))]
+        digits = {**DIGITS, "grid": [{**DIGITS["grid"][0], "model": [args.model]}]}
+        configs = args.config or [str(_write(tmp / "digits.yaml", digits))]
+        cell = args.cell or f"digits/{args.model}/linf/pgd_at+rpat/seed0"
         override = {"train": {"epochs": args.epochs, "step_log": True}, "results_dir": str(tmp / "results")}
         if args.train_subset:
             override["data"] = {"train_subset": args.train_subset}
         configs = [*configs, str(_write(tmp / "override.yaml", override))]
-        lines = [run(configs, args.cell, n, n * args.threads_per_process, tmp / f"p{n}") for n in args.processes]
+        lines = [run(configs, cell, n, n * args.threads_per_process, tmp / f"p{n}") for n in args.processes]
     for line in lines:
         print(json.dumps(line))
     base = lines[0]["value"]
-    print(json.dumps({"name": "ddp_speedup", "unit": "ratio", "cell": args.cell,
+    print(json.dumps({"name": "ddp_speedup", "unit": "ratio", "cell": lines[0]["cell"],
                       "value": {str(x["processes"]): x["value"] / base for x in lines}}))
     return 0
 

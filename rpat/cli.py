@@ -298,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
         return s
 
     t = job("train", cmd_train, "train one grid cell")
-    t.add_argument("--out", help="run directory (default <results_dir>/runs/<cell>)")
+    t.add_argument("--out", help="run directory (default: the cell's directory under results_dir)")
     t.add_argument("--processes", type=int, help="data-parallel processes, one per GPU (default: the cell's "
                    "resources.processes); the result does not depend on it (docs/distributed.md); --threads is then "
                    "shared by each machine's processes")
