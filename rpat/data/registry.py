@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from rpat import registries
 from rpat.data.subsets import draw_subset, seeded_permutation, stratified_subset
 from rpat.errors import DataProblem, UnknownName
 
@@ -54,9 +55,8 @@ def register(name: str, description: str, num_classes: int | None, image_size: i
     """Register ``load(options) -> Loaded``; ``options`` is the run's ``data`` config section."""
 
     def deco(fn):
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = DatasetSpec(name, fn, description, num_classes, image_size, on_disk, display or name)
+        registries.add(DATASETS, name, DatasetSpec(name, fn, description, num_classes, image_size, on_disk,
+                                                   display or name), "dataset")
         return fn
 
     return deco

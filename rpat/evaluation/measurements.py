@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from rpat import accuracy, autoattack
+from rpat import accuracy, autoattack, registries
 from rpat.evaluation.engine import EvalContext, Outcome
 from rpat.settings import EvalSettings
 
@@ -53,10 +53,7 @@ MEASUREMENTS: dict[str, Measurement] = {}
 
 
 def register(m: Measurement) -> Measurement:
-    if m.key in MEASUREMENTS:
-        raise ValueError(f"measurement {m.key!r} is registered twice")
-    MEASUREMENTS[m.key] = m
-    return m
+    return registries.add(MEASUREMENTS, m.key, m, "measurement")
 
 
 def _per_batch(ctx: EvalContext, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Outcome:

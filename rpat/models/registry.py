@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from rpat import zoo
+from rpat import registries, zoo
 from rpat.errors import UnknownName
 
 
@@ -30,10 +30,8 @@ def register(name: str, description: str, image_sizes: Sequence[int] | None = No
     """Register ``builder(num_classes, in_channels, image_size) -> nn.Module`` under ``name``."""
 
     def deco(builder):
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelSpec(name, builder, description, tuple(image_sizes) if image_sizes else None,
-                                 display or name)
+        registries.add(MODELS, name, ModelSpec(name, builder, description,
+                                               tuple(image_sizes) if image_sizes else None, display or name), "model")
         return builder
 
     return deco

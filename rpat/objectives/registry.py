@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from rpat import registries
 from rpat.settings import RpatSettings, Threat
 
 Tensor = torch.Tensor
@@ -94,10 +95,7 @@ OBJECTIVES: dict[str, Objective] = {}
 
 
 def register(obj: Objective) -> Objective:
-    if obj.name in OBJECTIVES:
-        raise ValueError(f"objective {obj.name!r} is registered twice")
-    OBJECTIVES[obj.name] = obj
-    return obj
+    return registries.add(OBJECTIVES, obj.name, obj, "objective")
 
 
 # ---------------------------------------------------------------------------------------------
