@@ -165,8 +165,7 @@ def setup(settings: CellSettings, threads: int | None = None, world: World = Wor
     fmodel = torch.compile(model) if t.compile else model
     loss_model = None
     if world.distributed:
-        processes.check_split(world.size, d.batch_size, objective.views, batches.examples,
-                              batches.examples % d.batch_size)
+        processes.check_split(world.size, d.batch_size, batches.examples, batches.examples % d.batch_size)
         batches = distributed.ShardedBatches(batches, objective.views, world)
         loss_model = torch.nn.parallel.DistributedDataParallel(
             fmodel, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
