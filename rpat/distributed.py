@@ -97,11 +97,11 @@ class Shard:
     size: int
 
     @classmethod
-    def of(cls, total: int, views: int, world: World) -> "Shard":
+    def of(cls, total: int, views: int, world: World, device: torch.device | str = "cpu") -> "Shard":
         per_view = total // views
         lo, hi = bounds(per_view, world.rank, world.size)
         rows = torch.cat([torch.arange(v * per_view + lo, v * per_view + hi) for v in range(views)])
-        return cls(rows, total, world.size)
+        return cls(rows.to(device), total, world.size)
 
     @property
     def weight(self) -> float:
@@ -142,7 +142,8 @@ def draw(fn: Callable, shape: Sequence[int], **kwargs) -> torch.Tensor:
         raise RuntimeError(f"a random draw for {shape[0]} rows inside a step whose shard holds {len(_STEP.rows)}: "
                            "draws must be shaped like the step's batch to be split over ranks")
     full = fn((_STEP.total, *shape[1:]), **kwargs)
-    return full.index_select(0, _STEP.rows.to(full.device))
+    rows = _STEP.rows if _STEP.rows.device == full.device else _STEP.rows.to(full.device)
+    return full.index_select(0, rows)
 
 
 def mean_over_ranks(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -165,9 +166,9 @@ class ShardedBatches:
 
     def __init__(self, batches, views: int, world: World):
         self.inner, self.views, self.world = batches, views, world
-        bs = batches.batch_size * views
+        self.device = batches.x.device  # rows held where the batches are: no copy per step
         self._shards = {}
-        self._full = Shard.of(bs, views, world)
+        self._full = Shard.of(batches.batch_size * views, views, world, self.device)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -183,14 +184,13 @@ class ShardedBatches:
         if total == self._full.total:
             return self._full
         if total not in self._shards:
-            self._shards[total] = Shard.of(total, self.views, self.world)
+            self._shards[total] = Shard.of(total, self.views, self.world, self.device)
         return self._shards[total]
 
     def iterate(self, order, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, Shard]]:
         for x, y in self.inner.iterate(order, start):
             s = self.shard(len(y))
-            rows = s.rows.to(x.device)
-            yield x.index_select(0, rows), y.index_select(0, rows), s
+            yield x.index_select(0, s.rows), y.index_select(0, s.rows), s
 
 
 # ---------------------------------------------------------------------------------------------
