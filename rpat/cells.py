@@ -134,6 +134,16 @@ class CellFiles:
         return self.run / "state"
 
     @property
+    def training_state_file(self) -> Path:
+        """The state a training job resumes from (saved every epoch and on a stop signal)."""
+        return self.training_state / "last.pt"
+
+    @property
+    def best_so_far(self) -> Path:
+        """The best checkpoint while training runs; copied to ``checkpoint-best.pt`` when it ends."""
+        return self.training_state / "best.pt"
+
+    @property
     def step_log(self) -> Path:
         """Every training step's loss parts (``train.step_log``), one JSON line each."""
         return self.run / "steps.jsonl"

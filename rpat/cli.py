@@ -49,9 +49,8 @@ def _launch_ranks(args, settings, out) -> int:
     """``--processes N``: the same command as N ranks (rpat/launch.py), after the checks that need no data."""
     from rpat import launch, processes
 
-    problems = processes.resource_problems({**settings.resources, "processes": args.processes,
-                                              "nodes": args.nodes, "gpu": min(settings.resources["gpu"], 1)},
-                                             settings.data.batch_size)
+    problems = processes.resource_problems({**settings.resources, "processes": args.processes, "nodes": args.nodes},
+                                           settings.data.batch_size)
     if problems:
         raise processes.DistributedSetupError("; ".join(problems))
     worker = ["train", "--config", *args.config, "--cell", args.cell, "--out", str(out)]

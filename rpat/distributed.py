@@ -167,8 +167,7 @@ class ShardedBatches:
     def __init__(self, batches, views: int, world: World):
         self.inner, self.views, self.world = batches, views, world
         self.device = batches.x.device  # rows held where the batches are: no copy per step
-        self._shards = {}
-        self._full = Shard.of(batches.batch_size * views, views, world, self.device)
+        self._shards: dict[int, Shard] = {}  # by the global batch's rows: the full batch and the last one
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -181,8 +180,6 @@ class ShardedBatches:
         return self.inner.new_order()
 
     def shard(self, total: int) -> Shard:
-        if total == self._full.total:
-            return self._full
         if total not in self._shards:
             self._shards[total] = Shard.of(total, self.views, self.world, self.device)
         return self._shards[total]

@@ -64,15 +64,16 @@ def resource_problems(resources: Mapping, batch_size: int) -> list[str]:
         found.append(f"resources.gpu={gpu} with resources.processes={n}: a process trains on one GPU; set gpu: 1 "
                      f"and processes to the number of GPUs")
     try:
-        check_split(n, batch_size, batch_size, 0)
+        check_split(n, batch_size, batch_size)
     except DistributedSetupError as e:
         found.append(str(e))
     return found
 
 
-def check_split(world_size: int, batch_size: int, examples: int, last: int) -> None:
+def check_split(world_size: int, batch_size: int, examples: int) -> None:
     """Refuse a split that would leave a rank without rows or make shares unequal (before any training);
-    ``examples``: training examples per epoch, ``last``: those in its last batch."""
+    ``examples``: training examples per epoch."""
+    last = examples % batch_size
     if world_size <= 1:
         return
     if world_size > batch_size:

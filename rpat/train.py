@@ -165,7 +165,7 @@ def setup(settings: CellSettings, threads: int | None = None, world: World = Wor
     fmodel = torch.compile(model) if t.compile else model
     loss_model = None
     if world.distributed:
-        processes.check_split(world.size, d.batch_size, batches.examples, batches.examples % d.batch_size)
+        processes.check_split(world.size, d.batch_size, batches.examples)
         batches = distributed.ShardedBatches(batches, objective.views, world)
         loss_model = torch.nn.parallel.DistributedDataParallel(
             fmodel, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
@@ -178,7 +178,7 @@ class TrainingState:
     """What a resumed job needs besides the settings: weights, optimizer, RNG states, history, best epoch,
     the MLflow run, and (after a signal) the position inside an epoch. Saves and restores itself."""
 
-    path: Path
+    files: CellFiles
     fingerprint: str
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"epoch": 0, "metric": -1.0})
@@ -187,6 +187,10 @@ class TrainingState:
     wall_before: float = 0.0
     partial: dict | None = None
     started: float = field(default_factory=time.time)
+
+    @property
+    def path(self) -> Path:
+        return self.files.training_state_file
 
     @property
     def wall_s(self) -> float:
@@ -203,9 +207,10 @@ class TrainingState:
                          "run_id": self.run_id, "partial": partial, "wall_s": self.wall_s}, self.path)
 
     @classmethod
-    def restore(cls, path: Path, tr: Trainer, fingerprint: str) -> "TrainingState":
+    def restore(cls, files: CellFiles, tr: Trainer, fingerprint: str) -> "TrainingState":
         """The saved state if it was written with these settings (loaded into ``tr``), else a fresh one."""
-        fresh = cls(path, fingerprint)
+        path = files.training_state_file
+        fresh = cls(files, fingerprint)
         if not path.exists():
             return fresh
         state = checkpoint.load(path, map_location=tr.device, hint=f"delete {path.parent} to restart this cell "
@@ -223,7 +228,7 @@ class TrainingState:
         tr.opt.load_state_dict(state["optimizer"])
         tr.shuffle.set_state(state["shuffle_rng"])
         runtime.set_rng_state(state["rng"], tr.device)
-        out = cls(path, fingerprint, state["history"], state["best"], state["epoch"], state.get("run_id"),
+        out = cls(files, fingerprint, state["history"], state["best"], state["epoch"], state.get("run_id"),
                   state.get("wall_s", 0.0), state.get("partial"))
         where = f"epoch {out.epoch + 1}, step {out.partial['step']}" if out.partial else f"epoch {out.epoch + 1}"
         if tr.world.main:
@@ -313,7 +318,8 @@ def _log_step(tr: Trainer, epoch: int, step: int, parts: dict, rows: int, shard)
 
 
 def validate_and_select(tr: Trainer, state: TrainingState, record: dict) -> dict:
-    """Validation accuracies into the record; the best checkpoint (``state/best.pt``) follows the selection rule."""
+    """Validation accuracies into the record; the best checkpoint so far (CellFiles.best_so_far) follows the
+    selection rule."""
     s = tr.settings
     val = accuracy.accuracies(tr.selected, tr.val_batches, s.threat, steps=s.train.val_attack_steps)
     t_epoch = record.pop("t_epoch")
@@ -323,25 +329,24 @@ def validate_and_select(tr: Trainer, state: TrainingState, record: dict) -> dict
         state.best = {"epoch": record["epoch"], "metric": metric}
         if tr.world.main:
             checkpoint.save({"model": tr.selected.state_dict(), "epoch": record["epoch"],
-                             "fingerprint": state.fingerprint, **tr.meta()}, state.path.parent / "best.pt")
+                             "fingerprint": state.fingerprint, **tr.meta()}, state.files.best_so_far)
     return record
 
 
-def finish(tr: Trainer, state: TrainingState, out_dir: Path, run: CellRun, tracking: Mapping) -> dict:
+def finish(tr: Trainer, state: TrainingState, run: CellRun, tracking: Mapping) -> dict:
     """The final checkpoints, the selected one logged as the run's MLflow model (``tracking.log_model``), and
     train.json (written last: its presence means the cell is trained)."""
-    s, t = tr.settings, tr.settings.train
+    s, t, cf = tr.settings, tr.settings.train, state.files
     checkpoint.save({"model": tr.selected.state_dict(), "epoch": t.epochs, "fingerprint": state.fingerprint,
-                     **tr.meta()}, CellFiles(out_dir).checkpoint("last"))
-    best = state.path.parent / "best.pt"
-    files.atomic_write(CellFiles(out_dir).checkpoint("best"), lambda tmp: shutil.copyfile(best, tmp))
+                     **tr.meta()}, cf.checkpoint("last"))
+    files.atomic_write(cf.checkpoint("best"), lambda tmp: shutil.copyfile(cf.best_so_far, tmp))
     if tracking.get("log_model", True):
-        logged_model.log_model(run, CellFiles(out_dir).checkpoint("best"), tracking.get("register_model"), s.cell.tags())
+        logged_model.log_model(run, cf.checkpoint("best"), tracking.get("register_model"), s.cell.tags())
     selection = {"rule": t.select, "split": "test" if t.select == "test" else "val",
                  "metric": f"val_{tr.objective.select_on}", "best_epoch": state.best["epoch"],
                  "best_value": state.best["metric"]}
     wall_s = state.wall_s
-    return write_record(s, out_dir, run, fingerprint=state.fingerprint, selection=selection, history=state.history,
+    return write_record(s, cf.run, run, fingerprint=state.fingerprint, selection=selection, history=state.history,
                         wall_s=wall_s, device=tr.device,
                         metrics={"best_epoch": state.best["epoch"], "best_val_metric": state.best["metric"],
                                  "train_wall_s": wall_s})
@@ -371,12 +376,12 @@ def train(settings: CellSettings, out_dir: str | Path, *, tracking: Mapping, thr
 
 
 def _train(tr: Trainer, out_dir: Path, tracking: Mapping, fp: str) -> dict:
-    settings, main = tr.settings, tr.world.main
-    state = TrainingState.restore(CellFiles(out_dir).training_state / "last.pt", tr, fp)
+    settings, main, cf = tr.settings, tr.world.main, CellFiles(out_dir)
+    state = TrainingState.restore(cf, tr, fp)
     run = CellRun(tracking["uri"], settings.experiment, settings.cell.tags(), run_id=state.run_id,
                   enabled=tracking["enabled"] and main, new=state.run_id is None, name=settings.run_name)
     state.run_id = run.run_id if main else state.run_id
-    tr.step_log = CellFiles(out_dir).step_log if settings.train.step_log else None
+    tr.step_log = cf.step_log if settings.train.step_log else None
     if tr.world.distributed and main:
         backend = "nccl" if tr.device.type == "cuda" else "gloo"
         print(f"[rpat] {settings.cell.id}: {tr.world.size} processes ({backend}), "
@@ -407,9 +412,9 @@ def _train(tr: Trainer, out_dir: Path, tracking: Mapping, fp: str) -> dict:
                 distributed.barrier()
                 raise Preempted(f"{settings.cell.id}: signal {stop.name or 'on another rank'} after epoch {epoch}; "
                                 f"state saved in {state.path}; rerun to resume")
-        record = finish(tr, state, out_dir, run, tracking) if main else None
+        record = finish(tr, state, run, tracking) if main else None
         distributed.barrier()  # train.json is written before any rank reports the cell done
-        return record if record is not None else files.read_json(CellFiles(out_dir).train_record)
+        return record if record is not None else files.read_json(cf.train_record)
 
 
 def train_cell(cfg: Config, cell: Cell, out_dir: str | Path, *, threads: int | None = None) -> dict:

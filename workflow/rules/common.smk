@@ -6,8 +6,8 @@ import sys
 from rpat import config as rpat_config
 from rpat.catalog import catalog
 from rpat.cells import PATTERN, Cell, CellFiles
-from rpat.report import outputs as report_outputs
 from rpat.processes import job_request
+from rpat.report import outputs as report_outputs
 from rpat.report.pages import report_pages
 from rpat.settings import fingerprint
 from rpat.tracking import init_store, runs_url, tracking_uri

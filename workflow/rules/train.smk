@@ -11,9 +11,7 @@ rule train:
         settings=train_fingerprint,
     threads: training("threads")
     resources:
-        gpu=training("gpu"),
-        mem_mb=mem_mb_of,
-        runtime=runtime_of,
+        **cell_resources(gpu=training("gpu")),
         # several processes (resources.processes > 1): one Slurm task each; unset (None) for one process
         tasks=training("tasks"),
         nodes=training("nodes"),
